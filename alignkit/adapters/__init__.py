@@ -1,0 +1,15 @@
+"""Adapters: one registry name -> a function that makes the base trainable."""
+from __future__ import annotations
+
+from .full import attach_full
+from .lora import attach_lora, attach_qlora
+
+ATTACH = {
+    "lora": attach_lora,
+    "qlora": attach_qlora,
+    "full": attach_full,
+}
+
+
+def attach_adapter(model, adapter_cfg, train_cfg):
+    return ATTACH[adapter_cfg.name](model, adapter_cfg, train_cfg)

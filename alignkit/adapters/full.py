@@ -1,0 +1,12 @@
+"""Full fine-tuning: every weight trainable."""
+from __future__ import annotations
+
+from .lora import enable_checkpointing
+
+
+def attach_full(model, adapter, train):
+    if train.gradient_checkpointing:
+        enable_checkpointing(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,153 @@
+"""`alignkit VERB [overrides]`: compose the config with Hydra, then run the verb."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import UsageError
+
+USAGE = """\
+usage: alignkit VERB [-m] [--cfg] [overrides ...]
+
+verbs:
+  train     run one stage: method=sft|dpo adapter=lora|qlora|full model=... data=...
+  list      show config groups, their options and the valid method x adapter pairs
+
+options:
+  -m, --multirun   sweep: every combination of comma-separated values runs as one job
+                   (alignkit train -m method.beta=0.1,0.5); job i writes to RUN_DIR/i
+  --cfg            print the composed config and exit without running
+  -h, --help       this help
+
+overrides use Hydra's grammar: group=option (adapter=qlora), key=value
+(method.beta=0.2 train.max_steps=50), +key=value to add, ~key to delete.
+
+examples:
+  alignkit train method=dpo adapter=qlora            # DPO on the embedded SmolLM2-135M
+  alignkit train method=sft model=tiny train.max_steps=5
+  alignkit train method=dpo data.path=prefs.jsonl method.beta=0.2
+  alignkit train -m method=dpo method.beta=0.1,0.5 model=tiny
+  alignkit list
+
+environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
+ALIGNKIT_DEBUG=1 (show tracebacks instead of one-line errors).
+"""
+
+
+def _one_line(exc: BaseException) -> str:
+    """Condense a Hydra/OmegaConf error (often several lines plus a cause) into one line."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.options is not None:
+        first = str(exc).strip().splitlines()[0]
+        options = [o for o in exc.options if not o.startswith("base_")]
+        return f"{first.split(': ', 1)[-1]} (available: {', '.join(options)})"
+    parts = []
+    while exc is not None:
+        for line in str(exc).strip().splitlines():
+            line = line.strip()
+            if line and not line.startswith(("To append", "full_key", "object_type", "reference_type",
+                                              "Config search path", "provider", "path=")):
+                if line not in parts:
+                    parts.append(line)
+                break
+        exc = exc.__cause__
+    return " ".join(parts) or "invalid configuration"
+
+
+def _list() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config.compose import group_options
+    from .config.rules import VALID
+
+    console = Console()
+    groups = Table(title="config groups (choose with GROUP=OPTION)")
+    groups.add_column("group")
+    groups.add_column("options")
+    for group, options in group_options().items():
+        groups.add_row(group, ", ".join(options))
+    console.print(groups)
+    adapters = sorted({a for pair in VALID.values() for a in pair})
+    grid = Table(title="valid method x adapter pairs")
+    grid.add_column("method")
+    for a in adapters:
+        grid.add_column(a, justify="center")
+    for method, allowed in VALID.items():
+        grid.add_row(method, *("yes" if a in allowed else "-" for a in adapters))
+    console.print(grid)
+    return 0
+
+
+def _train(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from .config.compose import check_overrides, compose_config, expand_sweeps
+    from .config.validate import validate
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    show_cfg = "--cfg" in args
+    overrides = [a for a in args if a not in ("-m", "--multirun", "--cfg")]
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]} (see alignkit --help)")
+    check_overrides(overrides, multirun)
+    jobs = expand_sweeps(overrides) if multirun else [overrides]
+    # compose and validate every job before running any, so a bad value fails fast
+    cfgs = [compose_config(job) for job in jobs]
+    for cfg in cfgs:
+        validate(cfg)
+    if multirun:
+        base = cfgs[0].run.dir
+        for i, cfg in enumerate(cfgs):
+            cfg.run.dir = os.path.join(base, str(i))
+    if show_cfg:
+        for cfg in cfgs:
+            print(OmegaConf.to_yaml(cfg))
+        return 0
+    from .stages.runner import run_train
+
+    for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
+        if multirun:
+            print(f"[job {i}] {' '.join(job)}", file=sys.stderr)
+        run_train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, args = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    verbs = {"train": lambda: _train(args), "list": _list}
+    try:
+        if verb not in verbs:
+            raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")
+        return verbs[verb]()
+    except Exception as exc:  # noqa: BLE001 - every user-facing failure becomes one line
+        if os.environ.get("ALIGNKIT_DEBUG") == "1":
+            raise
+        if not _is_user_error(exc):
+            raise
+        print(f"alignkit: error: {_one_line(exc) if not isinstance(exc, UsageError) else exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, (UsageError, HydraException, OmegaConfBaseException))
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

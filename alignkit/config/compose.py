@@ -1,0 +1,73 @@
+"""Compose the run config with Hydra's compose API, and expand `-m` sweeps."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from .schema import register
+
+_STARTED = datetime.now()
+
+
+def config_dir() -> Path:
+    """configs/ as shipped inside the package (works from a wheel and from a checkout)."""
+    return Path(str(files("alignkit.configs")))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose configs/config.yaml with Hydra overrides; resolve interpolations once."""
+    register()
+    if not OmegaConf.has_resolver("now"):
+        # the same timestamp for every job of one invocation
+        OmegaConf.register_new_resolver("now", lambda fmt: _STARTED.strftime(fmt))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def check_overrides(overrides: list[str], multirun: bool) -> None:
+    """Parse each override alone so a syntax error names the override it is in."""
+    from ..errors import UsageError
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except Exception as exc:  # hydra's OverrideParseException, message on several lines
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("See ")]
+            detail = lines[-1] if lines else "syntax error"
+            raise UsageError(f"bad override '{text}': {detail}") from exc
+        if ov.is_sweep_override() and not multirun:
+            raise UsageError(f"'{text}' is a sweep: add -m to run one job per value")
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Cartesian product of sweep overrides (`a=1,2 b=x,y`), as Hydra's basic sweeper does."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for ov in parsed:
+        if ov.is_sweep_override():
+            key = ov.get_key_element()
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([ov.input_line])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def group_options() -> dict[str, list[str]]:
+    """Option names of each config group, from the YAML files."""
+    root = config_dir()
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }

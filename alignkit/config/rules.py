@@ -1,0 +1,20 @@
+"""Which method x adapter pairs exist: the single source of truth."""
+from __future__ import annotations
+
+from ..errors import UsageError
+
+# method -> adapters it runs with
+VALID = {
+    "sft": ("lora", "qlora", "full"),
+    "dpo": ("lora", "qlora", "full"),
+}
+
+
+def check_combination(method: str, adapter: str) -> None:
+    if method not in VALID:
+        raise UsageError(f"unknown method '{method}' (choose from {', '.join(VALID)})")
+    if adapter not in VALID[method]:
+        raise UsageError(
+            f"method={method} does not run with adapter={adapter} "
+            f"(valid adapters for {method}: {', '.join(VALID[method])}; see `alignkit list`)"
+        )

@@ -1,0 +1,150 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+Values live in the YAML files under configs/ (so every default is visible
+there); these dataclasses only give each key its type, so a typo or a wrong
+type is rejected when the config is composed. A method or adapter option's
+YAML names its schema in its defaults list (`- base_lora`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Dtype(Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Precision(Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Optimizer(Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+
+
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class DPOLoss(Enum):
+    sigmoid = "sigmoid"
+
+
+# ---- method group -------------------------------------------------------
+@dataclass
+class SFTMethod:
+    name: str = MISSING
+    completion_only_loss: bool = MISSING
+
+
+@dataclass
+class DPOMethod:
+    name: str = MISSING
+    beta: float = MISSING
+    loss: DPOLoss = MISSING
+    label_smoothing: float = MISSING
+
+
+# ---- adapter group ------------------------------------------------------
+@dataclass
+class LoraAdapter:
+    name: str = MISSING
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING  # "all-linear" or a list of module names
+
+
+@dataclass
+class QLoraAdapter(LoraAdapter):
+    quant_type: str = MISSING  # nf4 (fp4 also accepted by bitsandbytes)
+    double_quant: bool = MISSING
+    compute_dtype: Dtype = MISSING
+
+
+@dataclass
+class FullAdapter:
+    name: str = MISSING
+
+
+# ---- plain groups -------------------------------------------------------
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    dtype: Dtype = MISSING
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = MISSING
+    task: Optional[str] = MISSING
+    task_size: int = MISSING
+    limit: Optional[int] = MISSING
+    max_length: int = MISSING
+    max_prompt_length: Optional[int] = MISSING
+    eval_fraction: float = MISSING
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    epochs: int = MISSING
+    max_steps: int = MISSING
+    warmup_ratio: float = MISSING
+    schedule: Schedule = MISSING
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    seed: int = MISSING
+    log_every: int = MISSING
+    save_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    optimizer: Optimizer = MISSING
+    precision: Precision = MISSING
+    gradient_checkpointing: bool = MISSING
+    disable_dropout: bool = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    adapter: Any = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    run: RunConfig = MISSING
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="method", name="base_sft", node=SFTMethod)
+    cs.store(group="method", name="base_dpo", node=DPOMethod)
+    cs.store(group="adapter", name="base_lora", node=LoraAdapter)
+    cs.store(group="adapter", name="base_qlora", node=QLoraAdapter)
+    cs.store(group="adapter", name="base_full", node=FullAdapter)

@@ -1,0 +1,41 @@
+"""Range checks on a composed config (types are already checked by the schema)."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ..errors import UsageError
+from .rules import check_combination
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise UsageError(f"{key}={value} is out of range: {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    check_combination(cfg.method.name, cfg.adapter.name)
+    m, a, d, t = cfg.method, cfg.adapter, cfg.data, cfg.train
+    if m.name == "dpo":
+        _require(m.beta > 0, "method.beta", m.beta, "must be > 0")
+        _require(0 <= m.label_smoothing < 0.5, "method.label_smoothing", m.label_smoothing, "must be in [0, 0.5)")
+    if a.name in ("lora", "qlora"):
+        _require(a.r >= 1, "adapter.r", a.r, "must be >= 1")
+        _require(a.alpha > 0, "adapter.alpha", a.alpha, "must be > 0")
+        _require(0 <= a.dropout < 1, "adapter.dropout", a.dropout, "must be in [0, 1)")
+    if d.path is None and d.task is None:
+        raise UsageError("no data: set data.path (a file or hub dataset id) or data.task (a built-in task)")
+    _require(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2")
+    if d.max_prompt_length is not None:
+        _require(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length", d.max_prompt_length,
+                 "must be > 0 and < data.max_length")
+    if d.limit is not None:
+        _require(d.limit >= 1, "data.limit", d.limit, "must be >= 1 (or null for all rows)")
+    _require(d.task_size >= 1, "data.task_size", d.task_size, "must be >= 1")
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
+        _require(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
+    _require(t.lr >= 0, "train.lr", t.lr, "must be >= 0")
+    _require(t.epochs >= 1 or t.max_steps >= 1, "train.epochs", t.epochs, "need train.epochs >= 1 or train.max_steps >= 1")
+    _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")

@@ -1,0 +1,155 @@
+"""The training loop every stage uses: explicit, top to bottom.
+
+A stage gives `loss_fn(model, batch, denominator) -> (loss, stats)`: the loss
+of one micro-batch already divided by the count (pairs or tokens) of the
+whole accumulated step, and stats as sums over that micro-batch's units, so
+k micro-batches of size b give exactly the numbers of one batch of k*b.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .common import autocast, make_optimizer
+from .progress import progress_bar
+from .resources import peak_memory_mb
+
+
+def micro_batches(examples: list, batch_size: int, seed: int, epoch: int) -> list[list]:
+    """The epoch's examples in a seeded order, cut into micro-batches."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    return [[examples[i] for i in order[j:j + batch_size]] for j in range(0, len(order), batch_size)]
+
+
+def plan_steps(n_examples: int, train) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps)."""
+    per_epoch = math.ceil(math.ceil(n_examples / train.batch_size) / train.grad_accum)
+    total = train.max_steps if train.max_steps > 0 else per_epoch * train.epochs
+    return per_epoch, total
+
+
+def step_windows(examples, train, per_epoch: int, start: int, total: int):
+    """Yield (step, epoch, micro-batches of that step) from `start` on; data position = f(step)."""
+    cached_epoch, batches = None, None
+    for step in range(start, total):
+        epoch = step // per_epoch
+        if epoch != cached_epoch:
+            cached_epoch, batches = epoch, micro_batches(examples, train.batch_size, train.seed, epoch)
+        i = (step % per_epoch) * train.grad_accum
+        yield step, epoch, batches[i:i + train.grad_accum]
+
+
+def evaluate(model, examples, collate, loss_fn, cfg, device) -> dict:
+    """Loss and stats over held-out examples, as means per unit (pair or token)."""
+    if not examples:
+        return {}
+    model.eval()
+    batches = [collate(examples[i:i + cfg.train.eval_batch_size])
+               for i in range(0, len(examples), cfg.train.eval_batch_size)]
+    denom = sum(b["count"] for b in batches)
+    sums: dict[str, float] = defaultdict(float)
+    with torch.no_grad(), autocast(cfg.train.precision.value, device):
+        for batch in batches:
+            loss, stats = loss_fn(model, to_device(batch, device), denom)
+            sums["loss"] += float(loss)
+            for k, v in stats.items():
+                sums[k] += float(v) / denom
+    return {f"eval/{k}": v for k, v in sums.items()}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_dir: Path, device) -> dict:
+    """Run the optimizer steps; write metrics.jsonl and checkpoints; return the final metrics."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(t.optimizer.value, params, t.lr, t.weight_decay, device)
+    per_epoch, total = plan_steps(len(train_examples), t)
+    scheduler = get_scheduler(t.schedule.value, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
+                              num_training_steps=total)
+    start = 0
+    resume_from = resume_point(cfg, run_dir)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        print(f"alignkit: resumed from {resume_from} (step {start})")
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    window: dict[str, float] = defaultdict(float)
+    window_steps, last = 0, {}
+    t_window = time.perf_counter()
+    totals = {"tokens": 0, "samples": 0, "seconds": 0.0}
+    with progress_bar(total, start) as bar:
+        for step, epoch, micro in step_windows(train_examples, t, per_epoch, start, total):
+            model.train()
+            t0 = time.perf_counter()
+            batches = [to_device(collate(m), device) for m in micro]
+            denom = sum(b["count"] for b in batches)
+            for batch in batches:
+                with autocast(t.precision.value, device):
+                    loss, stats = loss_fn(model, batch, denom)
+                loss.backward()
+                window["loss"] += float(loss)
+                for k, v in stats.items():
+                    window[k] += float(v) / denom
+                window["_tokens"] += int(batch["attention_mask"].sum())
+                window["_samples"] += batch["samples"]
+            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            window["grad_norm"] += grad_norm
+            window["lr"] += scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+            totals["seconds"] += time.perf_counter() - t0
+            done = step + 1
+            if done % t.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - t_window
+                last = {"step": done, "epoch": round(done / per_epoch, 4)}
+                last.update({k: v / window_steps for k, v in window.items() if not k.startswith("_")})
+                last["tokens_per_s"] = window["_tokens"] / elapsed
+                last["samples_per_s"] = window["_samples"] / elapsed
+                totals["tokens"] += window["_tokens"]
+                totals["samples"] += window["_samples"]
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                window, window_steps, t_window = defaultdict(float), 0, time.perf_counter()
+            bar.update(done, last.get("loss"))
+            if t.save_every and done % t.save_every == 0 and done < total:
+                save_checkpoint(run_dir / "checkpoints" / f"step-{done}", model, optimizer, scheduler, done,
+                                {"epoch": epoch})
+                prune_checkpoints(run_dir, t.keep_checkpoints)
+    final = dict(last)
+    evaluated = evaluate(model, eval_examples, collate, loss_fn, cfg, device)
+    if evaluated:
+        metrics_file.write(json.dumps({"step": total, **evaluated}) + "\n")
+    metrics_file.close()
+    final.update(evaluated)
+    final.update({
+        "train_steps": total - start,
+        "train_seconds": totals["seconds"],
+        "train_tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
+        "train_samples_per_s": totals["samples"] / max(totals["seconds"], 1e-9),
+        **peak_memory_mb(device),
+    })
+    return final
+
+
+def resume_point(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: run.resume=true -> newest in run.dir; a path -> that one."""
+    resume = cfg.run.resume
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = checkpoints(run_dir)
+        return found[-1] if found else None
+    return Path(str(resume))

@@ -1,0 +1,30 @@
+"""A rich progress bar with loss and ETA on a terminal; silent otherwise."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class _Silent:
+    def update(self, step: int, loss) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, start: int):
+    if not sys.stderr.isatty():
+        yield _Silent()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("train", total=total, completed=start, loss="-")
+
+        class _Bar:
+            def update(self, step: int, loss) -> None:
+                progress.update(task, completed=step, loss="-" if loss is None else f"{loss:.4f}")
+
+        yield _Bar()

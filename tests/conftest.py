@@ -1,0 +1,48 @@
+"""Shared fixtures: a per-session model cache (the tiny model is built once), config helpers."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="alignkit-test-cache-")
+os.environ.setdefault("ALIGNKIT_CACHE", _CACHE)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (real model, TRL)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def compose(*overrides: str):
+    from alignkit.config.compose import compose_config
+    from alignkit.config.validate import validate
+
+    cfg = compose_config(list(overrides))
+    validate(cfg)
+    return cfg
+
+
+TINY = ("model=tiny", "data.task_size=24", "train.batch_size=2", "train.max_steps=2", "train.lr=1e-2",
+        "train.warmup_ratio=0", "data.max_length=96", "train.eval_batch_size=4")
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    return compose(*TINY, f"run.dir={tmp_path / 'run'}", *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from alignkit.models.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
