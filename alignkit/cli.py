@@ -115,8 +115,17 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _quiet_library_warnings() -> None:
+    """Deprecation chatter from torch/transformers internals that a user cannot act on."""
+    import warnings
+
+    for pattern in (r"`is_gradient_checkpointing` is deprecated", r"`torch.jit.script_method` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_library_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

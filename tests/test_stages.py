@@ -95,12 +95,14 @@ def test_accumulation_equals_big_batch(tmp_path, method):
         run = prepare_run(tiny_cfg(tmp_path / str(i), f"method={method}", f"train.batch_size={bs}",
                                    f"train.grad_accum={ga}", "train.max_steps=1", "data.eval_fraction=0"))
         summary = execute(run)
-        results.append((summary["loss"], {n: p.detach().clone() for n, p in run.model.named_parameters()
+        results.append((summary["loss"], summary["grad_norm"], {n: p.detach().clone() for n, p in run.model.named_parameters()
                                           if p.requires_grad}))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for name, value in results[0][1].items():
-        # Adam divides by sqrt(v): float noise on near-zero grads shows up as ~1e-6 in the update
-        torch.testing.assert_close(results[1][1][name], value, rtol=1e-4, atol=1e-5)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)  # same accumulated gradient
+    for name, value in results[0][2].items():
+        # Adam's first step is ~lr * sign(g): float noise on near-zero grads moves single entries,
+        # so compare at a tolerance well below the update size (lr = 1e-2)
+        torch.testing.assert_close(results[1][2][name], value, rtol=1e-3, atol=1e-4)
 
 
 def test_dpo_reference_is_the_base_with_adapter_disabled(tmp_path):

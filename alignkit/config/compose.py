@@ -17,8 +17,11 @@ _STARTED = datetime.now()
 
 
 def config_dir() -> Path:
-    """configs/ as shipped inside the package (works from a wheel and from a checkout)."""
-    return Path(str(files("alignkit.configs")))
+    """configs/, shipped inside the wheel as alignkit.configs; in a checkout, the top-level configs/."""
+    try:
+        return Path(str(files("alignkit.configs")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -71,7 +71,9 @@ def quantization_config(adapter: DictConfig, device: torch.device):
 def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device):
     """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     source = resolve_model_dir(model_cfg.path)
     kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
                   dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name == "full"))

@@ -97,7 +97,7 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
                 with autocast(t.precision.value, device):
                     loss, stats = loss_fn(model, batch, denom)
                 loss.backward()
-                window["loss"] += float(loss)
+                window["loss"] += float(loss.detach())
                 for k, v in stats.items():
                     window[k] += float(v) / denom
                 window["_tokens"] += int(batch["attention_mask"].sum())

@@ -35,10 +35,10 @@ def check_run_dir(cfg: DictConfig) -> Path:
         raise UsageError(f"run {run_dir} already finished (summary.json exists); nothing to resume")
     saved = run_dir / "config.yaml"
     if saved.exists():
-        # compare as YAML text round-trips (enums become plain strings); run.resume may differ
+        # compare as YAML text round-trips (enums become plain strings); the run settings may differ
         old = OmegaConf.to_container(OmegaConf.load(saved))
         new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
-        old["run"]["resume"] = new["run"]["resume"] = None
+        old["run"] = new["run"] = None
         if old != new:
             raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
                              f"({saved}); resume with the same overrides")

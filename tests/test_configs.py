@@ -1,0 +1,62 @@
+"""Every shipped YAML composes, validates and leaves no value unset; the validity table is enforced."""
+import pytest
+from omegaconf import OmegaConf
+
+from alignkit.config.compose import compose_config, group_options
+from alignkit.config.rules import VALID, check_combination
+from alignkit.config.validate import validate
+from alignkit.errors import UsageError
+
+# options that need a value only the user has
+REQUIRED = {("data", "file"): ["data.path=rows.jsonl"]}
+
+
+def every_option():
+    return [(g, o) for g, options in group_options().items() for o in options]
+
+
+def test_groups_are_found():
+    groups = group_options()
+    assert {"method", "adapter", "model", "data"} <= set(groups)
+    assert {"sft", "dpo"} <= set(groups["method"]) and {"lora", "qlora", "full"} <= set(groups["adapter"])
+
+
+@pytest.mark.parametrize("group,option", every_option())
+def test_every_yaml_composes_and_validates(group, option):
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    if group == "adapter":
+        overrides.append(f"method={next(m for m, adapters in VALID.items() if option in adapters)}")
+    cfg = compose_config(overrides)
+    assert OmegaConf.missing_keys(cfg) == set()
+    validate(cfg)
+
+
+@pytest.mark.parametrize("method,adapter", [(m, a) for m in VALID for a in ("lora", "qlora", "full")])
+def test_valid_cells_pass(method, adapter):
+    assert adapter in VALID[method]
+    validate(compose_config([f"method={method}", f"adapter={adapter}"]))
+
+
+def test_invalid_combination_is_a_usage_error():
+    with pytest.raises(UsageError, match="does not run with adapter=prompt"):
+        check_combination("dpo", "prompt")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.beta=0", "method.beta=0.0 is out of range"),
+    ("train.lr=-1", "train.lr=-1.0 is out of range"),
+    ("adapter.r=0", "adapter.r=0 is out of range"),
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5 is out of range"),
+])
+def test_out_of_range_values(override, message):
+    with pytest.raises(UsageError, match=message):
+        validate(compose_config(["method=dpo", override]))
+
+
+def test_typo_and_wrong_type_are_rejected_when_composing():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["method=dpo", "method.betta=1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["train.batch_size=many"])
