@@ -3,9 +3,10 @@
 
     python scripts/compare_trl.py --model DIR --data prefs.jsonl [--no-lora] [--json out.json]
 
-Both run in fp32 (TRL with bf16=False), the whole file as one batch, one optimizer step,
-no warm-up. Compares token ids per row, step-1 logps/chosen, logps/rejected, loss and, for a
-full fine-tune (--no-lora, where no random LoRA init is involved), the pre-clipping grad_norm.
+Both run in fp32 (TRL with bf16=False), the whole file as one batch, no warm-up. Compares
+token ids per row, step-1 logps/chosen, logps/rejected, loss and, for a full fine-tune
+(--no-lora, where no random LoRA init is involved), the pre-clipping grad_norm and the
+log-probs after the first AdamW update (alignkit's step-2 logps vs TRL's after-step logps).
 Exits 1 if any relative difference exceeds --rtol (default 1e-3). Needs the `bench` extra (trl).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def alignkit_side(args, rows: int, run_dir: Path) -> dict:
     overrides = [
         "method=dpo", f"adapter={'full' if args.no_lora else 'lora'}", f"model.path={args.model}",
         "model.dtype=float32", "train.precision=fp32", f"data.path={args.data}", "data.eval_fraction=0",
-        f"data.max_length={args.max_length}", f"train.batch_size={rows}", "train.max_steps=1",
+        f"data.max_length={args.max_length}", f"train.batch_size={rows}", "train.max_steps=2",
         "train.warmup_ratio=0", "train.schedule=linear", f"train.lr={args.lr}", f"method.beta={args.beta}",
         f"run.dir={run_dir}",
     ]
@@ -34,7 +35,9 @@ def alignkit_side(args, rows: int, run_dir: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "alignkit", "train", *overrides], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"alignkit failed:\n{done.stderr[-2000:]}")
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    first, second = (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()[:2])
+    first.update({f"after_step/{k}": second[k] for k in ("logps/chosen", "logps/rejected")})
+    return first
 
 
 def trl_side(args, out: Path) -> dict:
@@ -82,16 +85,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ours = alignkit_side(args, rows, Path(tmp) / "run")
         trl = trl_side(args, Path(tmp) / "trl.json")
-    keys = KEYS + (["grad_norm"] if args.no_lora else [])
+    for side in ("chosen", "rejected"):
+        after = trl[f"row_logps_{side}_after_step"]
+        trl[f"after_step/logps/{side}"] = sum(after) / len(after)
+    keys = KEYS + (["grad_norm", "after_step/logps/chosen", "after_step/logps/rejected"] if args.no_lora else [])
     report = {"token_ids_match": token_ids_match(args, trl), "rows": rows, "trl_version": trl["trl_version"]}
     worst = 0.0
-    print(f"{'metric':<16}{'alignkit':>16}{'trl':>16}{'rel diff':>12}")
+    print(f"{'metric':<26}{'alignkit':>14}{'trl':>14}{'rel diff':>12}")
     for k in keys:
         a, b = float(ours[k]), float(trl[k])
         rel = abs(a - b) / max(abs(b), 1e-8) if abs(a - b) > 1e-7 else 0.0
         worst = max(worst, rel)
         report[k] = {"alignkit": a, "trl": b, "rel_diff": rel}
-        print(f"{k:<16}{a:>16.6f}{b:>16.6f}{rel:>12.2e}")
+        print(f"{k:<26}{a:>14.6f}{b:>14.6f}{rel:>12.2e}")
     print(f"token ids identical: {report['token_ids_match']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

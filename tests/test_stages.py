@@ -113,3 +113,21 @@ def test_dpo_reference_is_the_base_with_adapter_disabled(tmp_path):
     assert loss.item() == pytest.approx(0.693147, abs=1e-5)
     assert stats["rewards/accuracies"].item() == 0.0
     assert stats["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paged_optimizer_falls_back_off_gpu():
+    import bitsandbytes as bnb
+
+    from alignkit.stages.common import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    with pytest.warns(UserWarning, match="paged optimizers need CUDA"):
+        opt = make_optimizer("paged_adamw_8bit", params, 1e-3, 0.0, torch.device("cpu"))
+    assert isinstance(opt, bnb.optim.AdamW8bit) and not isinstance(opt, bnb.optim.PagedAdamW8bit)
+
+
+def test_every_prompt_too_long_is_a_clear_error(tmp_path):
+    from alignkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="every row was dropped"):
+        prepare_run(tiny_cfg(tmp_path, "method=dpo", "data.max_length=20"))
