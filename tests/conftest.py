@@ -34,7 +34,7 @@ def compose(*overrides: str):
 
 
 TINY = ("model=tiny", "data.task_size=24", "train.batch_size=2", "train.max_steps=2", "train.lr=1e-2",
-        "train.warmup_ratio=0", "data.max_length=96", "train.eval_batch_size=4")
+        "train.warmup_ratio=0", "data.max_length=160", "train.eval_batch_size=4")
 
 
 def tiny_cfg(tmp_path: Path, *overrides: str):

@@ -70,3 +70,49 @@ def test_sft_loss_micro_batches_sum_to_the_big_batch():
     n = int(mask.sum())
     parts = sft_loss(lp[:2], mask[:2], num_tokens=n) + sft_loss(lp[2:], mask[2:], num_tokens=n)
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+# token counts for the length-normalised losses
+TC, TR = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 2.0])
+
+
+def test_ipo_per_token_by_hand():
+    from alignkit.objectives import ipo_loss
+
+    # beta = 0.5 -> target 1/(2 beta) = 1
+    # pair 1: 0.5/2 - (-0.5)/1 = 0.75 -> (0.75 - 1)^2 = 0.0625
+    # pair 2: -1/4 - 1/2 = -0.75      -> (-1.75)^2    = 3.0625
+    losses, chosen, _ = ipo_loss(PC, PR, RC, RR, TC, TR, beta=0.5)
+    assert losses.tolist() == pytest.approx([0.0625, 3.0625])
+    assert chosen.tolist() == pytest.approx([0.25, -0.5])  # logged rewards use the summed ratios
+
+
+def test_hinge_by_hand():
+    from alignkit.objectives import hinge_loss
+
+    # h = [1, -2], beta = 0.5: max(0, 1 - 0.5) = 0.5, max(0, 1 + 1) = 2
+    losses, _, _ = hinge_loss(PC, PR, RC, RR, beta=0.5)
+    assert losses.tolist() == pytest.approx([0.5, 2.0])
+
+
+def test_simpo_by_hand_needs_no_reference():
+    from alignkit.objectives import simpo_loss
+
+    # beta 2, gamma 0.5. pair 1: r_w = 2 * -1/2 = -1, r_l = 2 * -2/1 = -4 -> -log sigmoid(3 - 0.5) = 0.078889
+    # pair 2: r_w = 2 * -3/4 = -1.5, r_l = 2 * -1/2 = -1 -> -log sigmoid(-0.5 - 0.5) = 1.313262
+    losses, chosen, rejected = simpo_loss(PC, PR, TC, TR, beta=2.0, gamma=0.5)
+    assert losses.tolist() == pytest.approx([0.078889, 1.313262], abs=1e-6)
+    assert chosen.tolist() == pytest.approx([-1.0, -1.5]) and rejected.tolist() == pytest.approx([-4.0, -1.0])
+
+
+def test_bradley_terry_margin_and_centering_by_hand():
+    from alignkit.objectives import bradley_terry_loss
+
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # d = [1, -1]: log(1 + e^-1) = 0.313262, log(1 + e) = 1.313262
+    assert bradley_terry_loss(rc, rr).tolist() == pytest.approx([0.313262, 1.313262], abs=1e-6)
+    # margin 0.5 on pair 1: log(1 + e^-0.5) = 0.474077
+    assert bradley_terry_loss(rc, rr, torch.tensor([0.5, 0.0]))[0].item() == pytest.approx(0.474077, abs=1e-6)
+    # centering 0.01 * (r_c + r_r)^2: + 0.09 and + 0.01
+    got = bradley_terry_loss(rc, rr, center_coef=0.01).tolist()
+    assert got == pytest.approx([0.313262 + 0.09, 1.313262 + 0.01], abs=1e-6)

@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from alignkit.stages.common import forward_token_logps
+from alignkit.models.load import load_run
+from alignkit.stages.common import forward_token_logps, last_token_scores
 from alignkit.stages.runner import execute, prepare_run
 
 from conftest import tiny_cfg
 
-CELLS = [(m, a) for m in ("sft", "dpo") for a in ("lora", "qlora", "full")]
+CELLS = [(m, a) for m in ("sft", "dpo", "rm") for a in ("lora", "qlora", "full")]
 
 
 def snapshot(model):
@@ -41,33 +42,20 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
                 "logps/chosen", "logps/rejected"} <= set(lines[0])
     assert json.loads((run_dir / "summary.json").read_text())["train_steps"] == 2
 
-    reloaded = reload_final(run_dir / "final", adapter, run.model_dir, run.cfg)
+    if method == "rm":
+        assert {"accuracy", "margin"} <= set(lines[0])
+    reloaded, _, _ = load_run(run_dir)
     batch = run.collate(run.train_examples[:2])
     # train mode on both sides (dropout is off): bitsandbytes' CPU 4-bit kernel differs in eval mode
     run.model.train()
     reloaded.train()
     with torch.no_grad():
-        expected = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if method == "rm":
+            expected, got = last_token_scores(run.model, batch), last_token_scores(reloaded, batch)
+        else:
+            expected = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def reload_final(final, adapter, base_dir, cfg):
-    """Load final/ the way a user would: plain transformers + peft."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignkit.models.load import quantization_config
-
-    AutoTokenizer.from_pretrained(final)
-    if adapter == "full":
-        return AutoModelForCausalLM.from_pretrained(final)
-    kwargs = {}
-    if adapter == "qlora":
-        kwargs = dict(quantization_config=quantization_config(cfg.adapter, torch.device("cpu")), device_map="cpu",
-                      dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    return PeftModel.from_pretrained(base, final)
 
 
 def test_logps_match_a_plain_forward(tmp_path):

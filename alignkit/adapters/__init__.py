@@ -11,5 +11,6 @@ ATTACH = {
 }
 
 
-def attach_adapter(model, adapter_cfg, train_cfg):
-    return ATTACH[adapter_cfg.name](model, adapter_cfg, train_cfg)
+def attach_adapter(model, adapter_cfg, train_cfg, task: str = "CAUSAL_LM"):
+    """task: "CAUSAL_LM" (policies) or "SEQ_CLS" (reward models with a score head)."""
+    return ATTACH[adapter_cfg.name](model, adapter_cfg, train_cfg, task)

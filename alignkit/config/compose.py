@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import register
+from .schema import SCHEMAS, Config, register
 
 _STARTED = datetime.now()
 
@@ -74,3 +74,13 @@ def group_options() -> dict[str, list[str]]:
         for d in sorted(root.iterdir())
         if d.is_dir() and any(d.glob("*.yaml"))
     }
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """A run's config.yaml, typed again by the schemas (enums, struct mode) so loaders can use it."""
+    raw = OmegaConf.load(path)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    for group, schemas in SCHEMAS.items():
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(schemas[raw[group].name]), raw[group])
+    OmegaConf.set_struct(cfg, True)
+    return cfg

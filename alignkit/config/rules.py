@@ -7,7 +7,12 @@ from ..errors import UsageError
 VALID = {
     "sft": ("lora", "qlora", "full"),
     "dpo": ("lora", "qlora", "full"),
+    "rm": ("lora", "qlora", "full"),
 }
+
+
+# the model head each method trains: "lm" (causal LM) unless listed
+HEAD = {"rm": "score"}
 
 
 def check_combination(method: str, adapter: str) -> None:

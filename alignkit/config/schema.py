@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -44,6 +44,10 @@ class Schedule(Enum):
 
 class DPOLoss(Enum):
     sigmoid = "sigmoid"
+    cdpo = "cdpo"
+    ipo = "ipo"
+    hinge = "hinge"
+    simpo = "simpo"
 
 
 # ---- method group -------------------------------------------------------
@@ -59,6 +63,15 @@ class DPOMethod:
     beta: float = MISSING
     loss: DPOLoss = MISSING
     label_smoothing: float = MISSING
+    gamma: float = MISSING
+    precompute_ref: bool = MISSING
+
+
+@dataclass
+class RMMethod:
+    name: str = MISSING
+    margin: float = MISSING
+    center_coef: float = MISSING
 
 
 # ---- adapter group ------------------------------------------------------
@@ -125,6 +138,17 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    prompts: Optional[List[str]] = MISSING
+    num_prompts: int = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class RunConfig:
     dir: str = MISSING
     resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
@@ -137,14 +161,20 @@ class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
+    sample: SampleConfig = MISSING
     run: RunConfig = MISSING
+
+
+# schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
+SCHEMAS = {
+    "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod},
+    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter},
+}
 
 
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="method", name="base_sft", node=SFTMethod)
-    cs.store(group="method", name="base_dpo", node=DPOMethod)
-    cs.store(group="adapter", name="base_lora", node=LoraAdapter)
-    cs.store(group="adapter", name="base_qlora", node=QLoraAdapter)
-    cs.store(group="adapter", name="base_full", node=FullAdapter)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"base_{name}", node=node)

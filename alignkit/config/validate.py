@@ -18,6 +18,13 @@ def validate(cfg: DictConfig) -> None:
     if m.name == "dpo":
         _require(m.beta > 0, "method.beta", m.beta, "must be > 0")
         _require(0 <= m.label_smoothing < 0.5, "method.label_smoothing", m.label_smoothing, "must be in [0, 0.5)")
+        if m.loss.value == "simpo" and m.precompute_ref:
+            raise UsageError("method.loss=simpo uses no reference model: drop method.precompute_ref=true")
+        if m.loss.value == "cdpo":
+            _require(m.label_smoothing > 0, "method.label_smoothing", m.label_smoothing,
+                     "method.loss=cdpo needs a label_smoothing > 0 (e.g. 0.1)")
+    if m.name == "rm":
+        _require(m.center_coef >= 0, "method.center_coef", m.center_coef, "must be >= 0")
     if a.name in ("lora", "qlora"):
         _require(a.r >= 1, "adapter.r", a.r, "must be >= 1")
         _require(a.alpha > 0, "adapter.alpha", a.alpha, "must be > 0")
@@ -38,4 +45,10 @@ def validate(cfg: DictConfig) -> None:
     _require(t.epochs >= 1 or t.max_steps >= 1, "train.epochs", t.epochs, "need train.epochs >= 1 or train.max_steps >= 1")
     _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    s = cfg.sample
+    _require(s.max_new_tokens >= 1, "sample.max_new_tokens", s.max_new_tokens, "must be >= 1")
+    _require(s.temperature >= 0, "sample.temperature", s.temperature, "must be >= 0 (0 = greedy)")
+    _require(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1]")
+    _require(s.batch_size >= 1 and s.num_prompts >= 1, "sample.batch_size/num_prompts",
+             f"{s.batch_size}/{s.num_prompts}", "must be >= 1")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")

@@ -28,6 +28,8 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows (2B rows), so one forward pass serves both."""
     batch = pad_batch([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
     batch["count"] = batch["samples"] = len(examples)  # pairs the loss averages over
+    if "margin" in examples[0]:
+        batch["margin"] = torch.tensor([e["margin"] for e in examples])
     if "ref_chosen" in examples[0]:
         batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples])
         batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples])

@@ -88,6 +88,10 @@ def encode_preference(tokenizer, where: str, row: dict, data) -> Example | None:
     if is_conversational(chosen) != is_conversational(rejected):
         raise UsageError(f"{where}: 'chosen' and 'rejected' must both be strings or both be messages")
     pair = {}
+    if row.get("margin") is not None:
+        if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
+            raise UsageError(f"{where}: 'margin' must be a number")
+        pair["margin"] = float(row["margin"])
     for side, completion in (("chosen", chosen), ("rejected", rejected)):
         ex = truncate(*encode_pair(tokenizer, prompt, completion), data.max_length, data.max_prompt_length)
         if ex is None:

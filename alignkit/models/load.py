@@ -68,12 +68,17 @@ def quantization_config(adapter: DictConfig, device: torch.device):
     )
 
 
-def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device):
-    """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device, head: str = "lm"):
+    """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora.
+
+    head: "lm" -> a causal LM; "score" -> a scalar score head (sequence classification, 1 label)
+    on the same body, freshly initialised N(0, 1/sqrt(d+1)) unless the checkpoint has one.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the load report lists the head swap as missing/unexpected keys
     source = resolve_model_dir(model_cfg.path)
     kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
                   dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name == "full"))
@@ -81,12 +86,63 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
         kwargs.update(quantization_config=quantization_config(adapter, device), device_map={"": device.type})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise UsageError(f"cannot load model '{model_cfg.path}': {str(exc).splitlines()[0]}") from exc
     if adapter.name != "qlora":
         model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batches carry explicit masks; pad id is never a mask
+    if head == "score":
+        model.config.pad_token_id = tokenizer.pad_token_id
+        init_score_head(model, source)
     model.config.use_cache = False
     return model, tokenizer, source
+
+
+def init_score_head(model, source: str) -> None:
+    """N(0, 1/sqrt(d+1)) as lm-human-preferences; HF's default (std 0.02) gives near-zero scores."""
+    from safetensors import safe_open
+
+    files = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            if any(k.startswith("score.") for k in sf.keys()):
+                return  # a trained reward model: keep its head
+    with torch.no_grad():
+        d = model.score.weight.shape[1]
+        model.score.weight.normal_(0.0, 1.0 / (d + 1) ** 0.5)
+        if model.score.bias is not None:
+            model.score.bias.zero_()
+
+
+def load_run(run_dir, device: torch.device | None = None):
+    """Load a finished run's final/ as its method trained it: (model in eval mode, tokenizer, cfg).
+
+    lora/qlora: the base (4-bit again for qlora) + the peft adapter (with its score head for an RM);
+    full: final/ is a complete model dir.
+    """
+    from omegaconf import OmegaConf
+
+    from ..config.compose import load_saved_config
+    from ..config.rules import HEAD
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "final").is_dir() or not (run_dir / "config.yaml").exists():
+        raise UsageError(f"{run_dir} is not a finished alignkit run (no final/ or config.yaml)")
+    cfg = load_saved_config(run_dir / "config.yaml")
+    device = device or pick_device()
+    head = HEAD.get(cfg.method.name, "lm")
+    final = run_dir / "final"
+    if cfg.adapter.name == "full":
+        model_cfg = OmegaConf.merge(cfg.model, {"path": str(final)})
+        model, tokenizer, _ = load_base_model(model_cfg, cfg.adapter, device, head)
+    else:
+        from peft import PeftModel
+
+        model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, device, head)
+        model = PeftModel.from_pretrained(model, str(final))
+    return model.eval(), tokenizer, cfg

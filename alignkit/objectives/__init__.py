@@ -1,6 +1,7 @@
 """Pure loss functions of tensors."""
-from .dpo import dpo_loss
+from .dpo import dpo_loss, hinge_loss, ipo_loss, simpo_loss
 from .logps import token_logps
+from .reward import bradley_terry_loss
 from .sft import sft_loss
 
-__all__ = ["dpo_loss", "sft_loss", "token_logps"]
+__all__ = ["bradley_terry_loss", "dpo_loss", "hinge_loss", "ipo_loss", "simpo_loss", "sft_loss", "token_logps"]

@@ -23,10 +23,30 @@ def forward_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     return token_logps(logits, ids[:, start + 1:]), mask[:, start:].float()
 
 
-def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Summed completion log-prob of each row, (B,)."""
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-prob of each row and its completion token count, (B,) each."""
     lp, mask = forward_token_logps(model, batch)
-    return (lp * mask).sum(-1)
+    return (lp * mask).sum(-1), mask.sum(-1)
+
+
+def score_head(model):
+    """The score Linear of a sequence-classification model (peft's trainable copy when wrapped)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.score
+
+
+def last_token_scores(model, batch: dict) -> torch.Tensor:
+    """Reward of each row: the score head on the final hidden state of its last real token, (B,).
+
+    Pooled by the attention mask (right padding), not by pad_token_id: with pad == eos an
+    appended EOS would otherwise be skipped.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    last = batch["attention_mask"].sum(-1) - 1
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    head = score_head(model)
+    return head(picked.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def disable_dropout(model) -> None:

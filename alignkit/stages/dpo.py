@@ -1,33 +1,51 @@
-"""DPO stage: preference loss on policy vs reference log-ratios.
+"""DPO stage (and its family: cDPO, IPO, hinge, SimPO) on policy vs reference log-probs.
 
-The reference is the same model with its adapters disabled. With no adapter
-to disable (adapter=full) the reference log-probs are computed once, before
-the first step, and stored with the examples.
+The reference is the same model with its adapters disabled. With no adapter to
+disable (adapter=full), or with method.precompute_ref=true, the reference
+log-probs are computed once before the first step and cached in the run dir
+(ref_logps.safetensors), so a resumed run reuses them. SimPO has no reference.
 """
 from __future__ import annotations
 
+import hashlib
 from functools import partial
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
-from ..objectives import dpo_loss
-from .common import sequence_logps
+from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from .common import autocast, sequence_logps
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
     if "ref_chosen" in batch:
         return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
     with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, batch)
+        return sequence_logps(model, batch)[0]
 
 
-def dpo_step(model, batch: dict, denominator: int, beta: float, label_smoothing: float):
+def preference_losses(method, policy, tokens, ref, n: int):
+    """Dispatch on method.loss; policy/tokens/ref are (2n,) with chosen rows first."""
+    name = method.loss.value
+    pc, pr, tc, tr = policy[:n], policy[n:], tokens[:n], tokens[n:]
+    if name == "simpo":
+        return simpo_loss(pc, pr, tc, tr, method.beta, method.gamma)
+    rc, rr = ref[:n], ref[n:]
+    if name in ("sigmoid", "cdpo"):
+        return dpo_loss(pc, pr, rc, rr, method.beta, method.label_smoothing)
+    if name == "ipo":
+        return ipo_loss(pc, pr, rc, rr, tc, tr, method.beta)
+    return hinge_loss(pc, pr, rc, rr, method.beta)
+
+
+def dpo_step(model, batch: dict, denominator: int, method):
     n = batch["count"]
-    policy = sequence_logps(model, batch)
-    ref = reference_logps(model, batch)
-    losses, chosen_r, rejected_r = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta, label_smoothing)
+    policy, tokens = sequence_logps(model, batch)
+    ref = None if method.loss.value == "simpo" else reference_logps(model, batch)
+    losses, chosen_r, rejected_r = preference_losses(method, policy, tokens, ref, n)
     stats = {
         "rewards/chosen": chosen_r.sum(),
         "rewards/rejected": rejected_r.sum(),
@@ -39,19 +57,42 @@ def dpo_step(model, batch: dict, denominator: int, beta: float, label_smoothing:
     return losses.sum() / denominator, stats
 
 
-def precompute_reference(model, examples: list, collate, batch_size: int, device) -> None:
-    """Store ref_chosen / ref_rejected in each example from the model as it is now."""
+def needs_precomputed_reference(cfg) -> bool:
+    if cfg.method.loss.value == "simpo":
+        return False
+    return cfg.method.precompute_ref or cfg.adapter.name == "full"
+
+
+def _fingerprint(examples: list) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(str((e["chosen"]["input_ids"], e["rejected"]["input_ids"])).encode())
+    return h.hexdigest()
+
+
+def precompute_reference(model, examples: list, collate, batch_size: int, device, precision: str,
+                         cache: Path) -> None:
+    """Store ref_chosen / ref_rejected in each example: from the cache, or from the model as it is now."""
+    key = _fingerprint(examples)
+    if cache.exists():
+        saved = load_file(cache)
+        if saved["fingerprint"].numpy().tobytes().decode() == key:
+            for e, c, r in zip(examples, saved["chosen"].tolist(), saved["rejected"].tolist()):
+                e["ref_chosen"], e["ref_rejected"] = c, r
+            return
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            batch = collate(chunk)
-            lp = sequence_logps(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+            lp = sequence_logps(model, batch)[0]
             for j, e in enumerate(chunk):
                 e["ref_chosen"], e["ref_rejected"] = float(lp[j]), float(lp[len(chunk) + j])
+    save_file({"chosen": torch.tensor([e["ref_chosen"] for e in examples]),
+               "rejected": torch.tensor([e["ref_rejected"] for e in examples]),
+               "fingerprint": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, cache)
 
 
 def prepare(cfg, tokenizer, rows):
     examples = encode_rows(tokenizer, rows, cfg.data, "preference")
-    step = partial(dpo_step, beta=cfg.method.beta, label_smoothing=cfg.method.label_smoothing)
-    return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id), step
+    return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id), partial(dpo_step, method=cfg.method)

@@ -15,12 +15,13 @@ from ..adapters import attach_adapter
 from ..data.load import load_rows, split_eval
 from ..errors import UsageError
 from ..models.load import load_base_model, pick_device
-from . import dpo, sft
+from ..config.rules import HEAD
+from . import dpo, rm, sft
 from .checkpoint import atomic_json, checkpoints, save_final
-from .common import autocast, disable_dropout
+from .common import disable_dropout
 from .loop import train_loop
 
-STAGES = {"sft": sft.prepare, "dpo": dpo.prepare}
+STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare}
 
 
 def check_run_dir(cfg: DictConfig) -> Path:
@@ -80,17 +81,14 @@ def prepare_run(cfg: DictConfig) -> Run:
     seed_everything(cfg.train.seed)
     rows = load_rows(cfg.data, cfg.train.seed)  # bad data fails before the model loads
     device = pick_device()
-    model, tokenizer, model_dir = load_base_model(cfg.model, cfg.adapter, device)
+    head = HEAD.get(cfg.method.name, "lm")
+    model, tokenizer, model_dir = load_base_model(cfg.model, cfg.adapter, device, head)
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
     train_examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
-    model = attach_adapter(model, cfg.adapter, cfg.train)
-    if cfg.method.name == "dpo" and cfg.adapter.name == "full":
-        # nothing to disable for a reference: take its log-probs once, before training
-        with autocast(cfg.train.precision.value, device):
-            dpo.precompute_reference(model, examples, collate, cfg.train.eval_batch_size, device)
+    model = attach_adapter(model, cfg.adapter, cfg.train, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
     return Run(cfg, run_dir, device, model, tokenizer, model_dir, train_examples, eval_examples, collate, step_fn)
 
 
@@ -100,6 +98,11 @@ def execute(run: Run, started: float | None = None) -> dict:
     cfg, run_dir, model = run.cfg, run.run_dir, run.model
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if cfg.method.name == "dpo" and dpo.needs_precomputed_reference(cfg):
+        # one pass before training; no reference forward (or second model copy) while training
+        dpo.precompute_reference(model, run.train_examples + run.eval_examples, run.collate,
+                                 cfg.train.eval_batch_size, run.device, cfg.train.precision.value,
+                                 run_dir / "ref_logps.safetensors")
     trainable, total = count_params(model)
     print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path} ({run.device.type}), "
           f"{trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
