@@ -10,7 +10,10 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|dpo adapter=lora|qlora|full model=... data=...
+  train     run one stage: method=sft|rm|dpo (ipo, simpo) adapter=lora|qlora|full model=... data=...
+  eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
+            DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
+  generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts
   list      show config groups, their options and the valid method x adapter pairs
 
 options:
@@ -27,6 +30,8 @@ examples:
   alignkit train method=sft model=tiny train.max_steps=5
   alignkit train method=dpo data.path=prefs.jsonl method.beta=0.2
   alignkit train -m method=dpo method.beta=0.1,0.5 model=tiny
+  alignkit eval run=runs/dpo-lora-20261125-101500
+  alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
   alignkit list
 
 environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
@@ -123,6 +128,20 @@ def _quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _evaluate(args: list[str]) -> int:
+    from .eval.run import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def _generate(args: list[str]) -> int:
+    from .eval.run import run_generate
+
+    run_generate(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_library_warnings()
@@ -133,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    verbs = {"train": lambda: _train(args), "list": _list}
+    verbs = {"train": lambda: _train(args), "list": _list, "eval": lambda: _evaluate(args),
+             "generate": lambda: _generate(args)}
     try:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")

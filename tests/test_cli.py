@@ -51,6 +51,9 @@ BAD = [
     (["model.path=/nonexistent/model"], "no such file or directory"),
     (["model.path=alignkit:nope"], "unknown built-in model"),
     (["--frobnicate"], "unknown option --frobnicate"),
+    (["method=simpo", "method.precompute_ref=true"], "drop method.precompute_ref=true"),
+    (["method.loss=cdpo"], "method.loss=cdpo needs a label_smoothing > 0"),
+    (["method=rm", "method.center_coef=-1"], "method.center_coef=-1.0 is out of range"),
 ]
 
 

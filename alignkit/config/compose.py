@@ -79,6 +79,10 @@ def group_options() -> dict[str, list[str]]:
 def load_saved_config(path: Path) -> DictConfig:
     """A run's config.yaml, typed again by the schemas (enums, struct mode) so loaders can use it."""
     raw = OmegaConf.load(path)
+    defaults = compose_config([])
+    for key in defaults:  # sections added to alignkit after the run was made
+        if key not in raw:
+            raw[key] = defaults[key]
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     for group, schemas in SCHEMAS.items():
         cfg[group] = OmegaConf.merge(OmegaConf.structured(schemas[raw[group].name]), raw[group])

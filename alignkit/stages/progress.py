@@ -1,4 +1,4 @@
-"""A rich progress bar with loss and ETA on a terminal; silent otherwise."""
+"""Console output: a rich progress bar with loss and ETA on a terminal (silent otherwise), tables."""
 from __future__ import annotations
 
 import contextlib
@@ -28,3 +28,15 @@ def progress_bar(total: int, start: int):
                 progress.update(task, completed=step, loss="-" if loss is None else f"{loss:.4f}")
 
         yield _Bar()
+
+
+def print_table(title: str, values: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)

@@ -20,6 +20,7 @@ from . import dpo, rm, sft
 from .checkpoint import atomic_json, checkpoints, save_final
 from .common import disable_dropout
 from .loop import train_loop
+from .progress import print_table
 
 STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare}
 
@@ -122,18 +123,5 @@ def execute(run: Run, started: float | None = None) -> dict:
 def run_train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     summary = execute(prepare_run(cfg), started)
-    print_summary(summary)
+    print_table(f"run: {summary['run_dir']}", {k: v for k, v in summary.items() if k != "run_dir"})
     return summary
-
-
-def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"run: {summary['run_dir']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if key != "run_dir":
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)

@@ -1,0 +1,122 @@
+"""`alignkit eval` and `alignkit generate`: a finished run (run=DIR) or a plain model (model.path=...)."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from ..config.compose import check_overrides, compose_config
+from ..config.schema import DPOLoss, DPOMethod
+from ..config.validate import validate
+from ..data.collate import collate_preference
+from ..data.load import load_rows, split_eval
+from ..data.tasks import TASKS
+from ..data.tokenize import encode_rows
+from ..errors import UsageError
+from ..models.load import load_base_model, load_run, pick_device
+from ..stages import dpo, rm
+from ..stages.checkpoint import atomic_json
+from ..stages.loop import evaluate
+from ..stages.progress import print_table
+from .sample import generate
+
+
+def target(args: list[str]):
+    """(model, tokenizer, cfg, run_dir or None) from `run=DIR [key=value ...]` or plain overrides."""
+    runs = [a.split("=", 1)[1] for a in args if a.startswith("run=")]
+    rest = [a for a in args if not a.startswith("run=")]
+    if not runs:
+        cfg = compose_config(rest)
+        validate(cfg)
+        model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, pick_device())
+        return model.eval(), tokenizer, cfg, None
+    model, tokenizer, cfg = load_run(runs[0])
+    check_overrides(rest, multirun=False)
+    for override in OverridesParser.create().parse_overrides(rest):
+        key = override.key_or_group
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise UsageError(f"unknown key '{key}' (a run's config can take key=value overrides only)")
+        OmegaConf.update(cfg, key, override.value())
+    validate(cfg)
+    return model, tokenizer, cfg, Path(runs[0])
+
+
+def held_out(cfg: DictConfig) -> tuple[list, list]:
+    """(train rows, held-out rows) split as training split them (all rows if eval_fraction is 0)."""
+    rows = load_rows(cfg.data, cfg.train.seed)
+    train, held = split_eval(rows, cfg.data.eval_fraction, cfg.train.seed)
+    return (train, held) if held else (rows, rows)
+
+
+def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
+    """RM: accuracy/margin. Policy: DPO metrics vs its reference (base with the adapter off)."""
+    if not all("chosen" in r and "rejected" in r for _, r in rows):
+        return {}
+    device = next(model.parameters()).device
+    examples = encode_rows(tokenizer, rows, cfg.data, "preference")
+    collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)
+    if cfg.method.name == "rm":
+        step = partial(rm.rm_step, margin_scale=cfg.method.margin, center_coef=cfg.method.center_coef)
+    else:
+        beta = cfg.method.beta if cfg.method.name == "dpo" else 0.1  # an SFT run: TRL's default beta
+        method = OmegaConf.structured(DPOMethod(name="dpo", beta=beta, loss=DPOLoss.sigmoid, label_smoothing=0.0,
+                                                gamma=0.0, precompute_ref=False))
+        step = partial(dpo.dpo_step, method=method)
+        if not hasattr(model, "disable_adapter"):  # full fine-tune: the reference is the base checkpoint
+            base, _, _ = load_base_model(cfg.model, cfg.adapter, device)
+            dpo.precompute_reference(base, examples, collate, cfg.train.eval_batch_size, device,
+                                     cfg.train.precision.value, Path(run_dir or ".") / "eval_ref_logps.safetensors")
+            del base
+    return {k.removeprefix("eval/"): v for k, v in evaluate(model, examples, collate, step, cfg, device).items()}
+
+
+def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
+    """Greedy generations on held-out prompts of a built-in task, judged by its gold judge."""
+    if cfg.data.task is None or cfg.method.name == "rm":
+        return {}, []
+    judge = TASKS[cfg.data.task][1]
+    rows = [r for _, r in rows][: cfg.sample.num_prompts]
+    device = next(model.parameters()).device
+    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
+    scores = [judge(o, r["answer"]) for o, r in zip(outputs, rows)]
+    metrics = {"gold/score": sum(scores) / len(scores)}
+    samples = [{"prompt": r["prompt"], "completion": o, "gold": s} for r, o, s in zip(rows, outputs, scores)]
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            ref = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
+        metrics["gold/score_ref"] = sum(judge(o, r["answer"]) for o, r in zip(ref, rows)) / len(rows)
+        for s, o in zip(samples, ref):
+            s["completion_ref"] = o
+    return metrics, samples
+
+
+def run_eval(args: list[str]) -> dict:
+    model, tokenizer, cfg, run_dir = target(args)
+    _, rows = held_out(cfg)
+    result = {"method": cfg.method.name, "adapter": cfg.adapter.name, "rows": len(rows)}
+    result.update(preference_metrics(model, tokenizer, cfg, rows, run_dir))
+    gold, samples = gold_metrics(model, tokenizer, cfg, rows)
+    result.update(gold)
+    if run_dir is not None:
+        atomic_json(run_dir / "eval.json", {**result, "samples": samples[:8]})
+    print_table(f"eval: {run_dir or cfg.model.path}", result)
+    return result
+
+
+def run_generate(args: list[str]) -> list[dict]:
+    model, tokenizer, cfg, _ = target(args)
+    device = next(model.parameters()).device
+    prompts = list(cfg.sample.prompts) if cfg.sample.prompts else \
+        [r["prompt"] for _, r in held_out(cfg)[1]][: cfg.sample.num_prompts]
+    outputs = generate(model, tokenizer, prompts, cfg.sample, device, cfg.train.seed)
+    records = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False))
+    sys.stdout.flush()
+    return records
