@@ -10,7 +10,10 @@ from alignkit.stages.runner import execute, prepare_run
 
 from conftest import tiny_cfg
 
-CELLS = [(m, a) for m in ("sft", "dpo", "rm") for a in ("lora", "qlora", "full")]
+from alignkit.config.rules import VALID
+
+# every valid method x adapter cell of the table runs (a new adapter or method is tested by adding it there)
+CELLS = [(m, a) for m, adapters in VALID.items() for a in adapters]
 
 
 def snapshot(model):
