@@ -8,7 +8,9 @@ from alignkit.config.validate import validate
 from alignkit.errors import UsageError
 
 # options that need a value only the user has
-REQUIRED = {("data", "file"): ["data.path=rows.jsonl"]}
+REQUIRED = {("data", "file"): ["data.path=rows.jsonl"], ("method", "ppo"): ["reward=gold"]}
+# what a method needs besides its own YAML
+METHOD_NEEDS = {"ppo": ["reward=gold"]}
 
 
 def every_option():
@@ -25,7 +27,8 @@ def test_groups_are_found():
 def test_every_yaml_composes_and_validates(group, option):
     overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
     if group == "adapter":
-        overrides.append(f"method={next(m for m, adapters in VALID.items() if option in adapters)}")
+        method = next(m for m, adapters in VALID.items() if option in adapters)
+        overrides += [f"method={method}", *METHOD_NEEDS.get(method, [])]
     cfg = compose_config(overrides)
     assert OmegaConf.missing_keys(cfg) == set()
     validate(cfg)
@@ -36,7 +39,7 @@ ADAPTERS = sorted({a for adapters in VALID.values() for a in adapters})
 
 @pytest.mark.parametrize("method,adapter", [(m, a) for m in VALID for a in ADAPTERS])
 def test_every_cell_of_the_table_validates_or_is_refused(method, adapter):
-    cfg_overrides = [f"method={method}", f"adapter={adapter}"]
+    cfg_overrides = [f"method={method}", f"adapter={adapter}", *METHOD_NEEDS.get(method, [])]
     if adapter in VALID[method]:
         validate(compose_config(cfg_overrides))
     else:

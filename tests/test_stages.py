@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from alignkit.data.collate import pad_batch
 from alignkit.models.load import load_run
 from alignkit.stages.common import forward_token_logps, last_token_scores
 from alignkit.stages.runner import execute, prepare_run
@@ -25,7 +26,8 @@ def snapshot(model):
 def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, adapter):
     # no eval split: bitsandbytes' CPU eval-mode kernel repacks 4-bit weights (lossy round trip on save),
     # which would make the trained model differ from a clean reload by ~1e-3
-    run = prepare_run(tiny_cfg(tmp_path, f"method={method}", f"adapter={adapter}", "data.eval_fraction=0"))
+    extra = ["reward=gold", "method.max_new_tokens=8"] if method == "ppo" else []
+    run = prepare_run(tiny_cfg(tmp_path, f"method={method}", f"adapter={adapter}", "data.eval_fraction=0", *extra))
     before = snapshot(run.model)
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert trainable
@@ -48,7 +50,12 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
     if method == "rm":
         assert {"accuracy", "margin"} <= set(lines[0])
     reloaded, _, _ = load_run(run_dir)
-    batch = run.collate(run.train_examples[:2])
+    if method == "ppo":
+        assert (run_dir / "final" / "value_head.safetensors").exists()
+        batch = pad_batch([{"input_ids": e["prompt_ids"], "completion_mask": [1] * len(e["prompt_ids"])}
+                           for e in run.train_examples[:2]], run.tokenizer.pad_token_id)
+    else:
+        batch = run.collate(run.train_examples[:2])
     # train mode on both sides (dropout is off): bitsandbytes' CPU 4-bit kernel differs in eval mode
     run.model.train()
     reloaded.train()

@@ -8,6 +8,8 @@ VALID = {
     "sft": ("lora", "qlora", "full"),
     "dpo": ("lora", "qlora", "full"),
     "rm": ("lora", "qlora", "full"),
+    # one base copy: the reference is the base with adapters off, so no full fine-tune
+    "ppo": ("lora", "qlora"),
 }
 
 

@@ -67,6 +67,46 @@ class DPOMethod:
     precompute_ref: bool = MISSING
 
 
+class KLEstimator(Enum):
+    k1 = "k1"
+    k3 = "k3"
+
+
+@dataclass
+class PPOMethod:
+    name: str = MISSING
+    kl_coef: float = MISSING
+    kl_estimator: KLEstimator = MISSING
+    adaptive_kl: bool = MISSING
+    target_kl: float = MISSING
+    kl_horizon: float = MISSING
+    gamma: float = MISSING
+    lam: float = MISSING
+    whiten_advantages: bool = MISSING
+    clip_range: float = MISSING
+    vf_clip: float = MISSING
+    vf_coef: float = MISSING
+    ppo_epochs: int = MISSING
+    num_minibatches: int = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    missing_eos_penalty: Optional[float] = MISSING
+    sample_every: int = MISSING
+
+
+@dataclass
+class RewardConfig:
+    kind: str = MISSING  # model | gold
+    run: Optional[str] = MISSING
+
+
+@dataclass
+class PolicyConfig:
+    init: Optional[str] = MISSING
+
+
 @dataclass
 class RMMethod:
     name: str = MISSING
@@ -162,12 +202,14 @@ class Config:
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
     sample: SampleConfig = MISSING
+    reward: RewardConfig = MISSING
+    policy: PolicyConfig = MISSING
     run: RunConfig = MISSING
 
 
 # schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
 SCHEMAS = {
-    "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod},
+    "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod, "ppo": PPOMethod},
     "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter},
 }
 

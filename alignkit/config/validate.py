@@ -23,6 +23,19 @@ def validate(cfg: DictConfig) -> None:
         if m.loss.value == "cdpo":
             _require(m.label_smoothing > 0, "method.label_smoothing", m.label_smoothing,
                      "method.loss=cdpo needs a label_smoothing > 0 (e.g. 0.1)")
+    if m.name == "ppo":
+        if cfg.reward.kind == "model" and cfg.reward.run is None:
+            raise UsageError("method=ppo needs a reward: reward.run=RM_RUN_DIR (a method=rm run) or reward=gold")
+        if cfg.reward.kind == "gold" and cfg.data.task is None:
+            raise UsageError("reward=gold needs a built-in task (data.task=...) whose gold judge scores completions")
+        for key in ("kl_coef", "clip_range", "vf_clip", "vf_coef", "target_kl", "kl_horizon"):
+            _require(m[key] >= 0 if key == "kl_coef" else m[key] > 0, f"method.{key}", m[key], "must be > 0")
+        _require(0 <= m.gamma <= 1 and 0 <= m.lam <= 1, "method.gamma/lam", f"{m.gamma}/{m.lam}", "must be in [0, 1]")
+        _require(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
+        for key in ("ppo_epochs", "num_minibatches", "max_new_tokens", "sample_every"):
+            _require(m[key] >= 1, f"method.{key}", m[key], "must be >= 1")
+        _require(t.batch_size % m.num_minibatches == 0, "method.num_minibatches", m.num_minibatches,
+                 f"must divide train.batch_size={t.batch_size}")
     if m.name == "rm":
         _require(m.center_coef >= 0, "method.center_coef", m.center_coef, "must be >= 0")
     if a.name in ("lora", "qlora"):

@@ -23,6 +23,13 @@ def _chat(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     return list(out["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A prompt alone, as it precedes a completion: chat template + generation prompt for messages."""
+    if is_conversational(prompt):
+        return _chat(tokenizer, prompt, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
 def encode_pair(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
     """Return (prompt_ids, completion_ids) for one prompt and one completion."""
     if is_conversational(completion):

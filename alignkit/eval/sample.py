@@ -3,43 +3,44 @@ from __future__ import annotations
 
 import torch
 
-from ..data.tokenize import is_conversational
+from ..data.tokenize import encode_prompt
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
     """A prompt as the model sees it before its reply: chat template + generation prompt when it has one."""
     if isinstance(prompt, str) and tokenizer.chat_template:
         prompt = [{"role": "user", "content": prompt}]
-    if is_conversational(prompt):
-        out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
-        return list(out["input_ids"])
-    return tokenizer(prompt)["input_ids"]
+    return encode_prompt(tokenizer, prompt)
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    """Greedy when temperature is 0; always with the KV cache; stops at EOS."""
+    from transformers import GenerationConfig
+
+    sampled = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sampled, temperature=temperature if sampled else None,
+        top_k=top_k if sampled else None, top_p=top_p if sampled else None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+    )
+
+
+def left_pad(chunk: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, chunk))
+    ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+    return ids, mask
 
 
 def generate(model, tokenizer, prompts: list, sample, device, seed: int = 0) -> list[str]:
     """Completions (text, special tokens dropped) for each prompt; sample = cfg.sample."""
-    from transformers import GenerationConfig
-
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    pad = tokenizer.pad_token_id
-    gen = GenerationConfig(
-        max_new_tokens=sample.max_new_tokens, do_sample=sample.temperature > 0,
-        temperature=sample.temperature if sample.temperature > 0 else None,
-        top_k=sample.top_k if sample.temperature > 0 else None,
-        top_p=sample.top_p if sample.temperature > 0 else None,
-        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-    )
+    gen = generation_config(tokenizer, sample.max_new_tokens, sample.temperature, sample.top_k, sample.top_p)
     torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(encoded), sample.batch_size):
-            chunk = encoded[i:i + sample.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+            ids, mask = left_pad(encoded[i:i + sample.batch_size], tokenizer.pad_token_id, device)
             seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-            out += tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
-    model.train(was_training)
+            out += tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True)
     return out

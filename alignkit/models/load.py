@@ -1,6 +1,7 @@
 """Load a base model: built-in name, local dir, .gguf file or hub id; dtype; 4-bit."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -146,3 +147,38 @@ def load_run(run_dir, device: torch.device | None = None):
         model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, device, head)
         model = PeftModel.from_pretrained(model, str(final))
     return model.eval(), tokenizer, cfg
+
+
+def policy_init_dir(init_run) -> str:
+    """A model dir holding an SFT run's policy: its final/ (full) or base + LoRA merged once (cached).
+
+    A LoRA trained on a 4-bit base (qlora) is merged into the full-precision base: a close
+    approximation of the policy it was trained as.
+    """
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+
+    from ..config.compose import load_saved_config
+    from .cache import cached
+
+    init_run = Path(init_run)
+    final = init_run / "final"
+    if not final.is_dir() or not (init_run / "config.yaml").exists():
+        raise UsageError(f"policy.init: {init_run} is not a finished alignkit run (no final/ or config.yaml)")
+    cfg = load_saved_config(init_run / "config.yaml")
+    if cfg.adapter.name == "full":
+        return str(final)
+    if cfg.adapter.name not in ("lora", "qlora"):
+        raise UsageError(f"policy.init: cannot merge a {cfg.adapter.name} adapter into the base; "
+                         f"start PPO from a lora, qlora or full run")
+    stamp = max(p.stat().st_mtime_ns for p in final.iterdir())
+    key = hashlib.sha256(f"{final.resolve()}|{stamp}".encode()).hexdigest()[:16]
+
+    def build(out: Path) -> None:
+        base, tokenizer, _ = load_base_model(OmegaConf.merge(cfg.model, {"dtype": "float32"}),
+                                             OmegaConf.create({"name": "lora"}), torch.device("cpu"))
+        merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return str(cached(f"policy-{init_run.name}-{key}", build))

@@ -112,10 +112,14 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_final(path: Path, model, tokenizer) -> None:
-    """final/: a peft adapter dir or a full model dir, plus the tokenizer."""
+def save_final(path: Path, model, tokenizer, extra=None) -> None:
+    """final/: a peft adapter dir (the trained "default" adapter only) or a full model dir, plus the
+    tokenizer; extra(tmp_dir) adds stage-specific files (PPO's value head)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        kwargs = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(tmp, **kwargs)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(model, tmp)
 
     atomic_dir(path, write)

@@ -35,17 +35,18 @@ def score_head(model):
     return inner.score
 
 
-def last_token_scores(model, batch: dict) -> torch.Tensor:
+def last_token_scores(model, batch: dict, head=None) -> torch.Tensor:
     """Reward of each row: the score head on the final hidden state of its last real token, (B,).
 
     Pooled by the attention mask (right padding), not by pad_token_id: with pad == eos an
-    appended EOS would otherwise be skipped.
+    appended EOS would otherwise be skipped. head: a score Linear to use instead of the model's own
+    (PPO scores with an RM head on top of the policy's base).
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     hidden = out.hidden_states[-1]
     last = batch["attention_mask"].sum(-1) - 1
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    head = score_head(model)
+    head = head or score_head(model)
     return head(picked.to(head.weight.dtype)).squeeze(-1).float()
 
 

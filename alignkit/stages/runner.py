@@ -14,15 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 from ..adapters import attach_adapter
 from ..data.load import load_rows, split_eval
 from ..errors import UsageError
-from ..models.load import load_base_model, pick_device
+from ..models.load import load_base_model, pick_device, policy_init_dir
 from ..config.rules import HEAD
-from . import dpo, rm, sft
+from . import dpo, ppo, rm, sft
+from .ppo_reward import make_reward
 from .checkpoint import atomic_json, checkpoints, save_final
 from .common import disable_dropout
 from .loop import train_loop
 from .progress import print_table
 
-STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare}
+STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare, "ppo": ppo.prepare}
 
 
 def check_run_dir(cfg: DictConfig) -> Path:
@@ -70,8 +71,9 @@ class Run:
     model_dir: str
     train_examples: list
     eval_examples: list
-    collate: Callable
-    step_fn: Callable
+    collate: Callable | None  # None for ppo, which makes its own batches
+    step_fn: Callable | None
+    reward_fn: Callable | None = None  # ppo: (rows, texts) -> scores; default from cfg.reward
 
 
 def prepare_run(cfg: DictConfig) -> Run:
@@ -83,7 +85,11 @@ def prepare_run(cfg: DictConfig) -> Run:
     rows = load_rows(cfg.data, cfg.train.seed)  # bad data fails before the model loads
     device = pick_device()
     head = HEAD.get(cfg.method.name, "lm")
-    model, tokenizer, model_dir = load_base_model(cfg.model, cfg.adapter, device, head)
+    model_cfg = cfg.model
+    if cfg.method.name == "ppo" and cfg.policy.init is not None:
+        # the SFT policy becomes the base: the reference (adapters off) is then the SFT model
+        model_cfg = OmegaConf.merge(cfg.model, {"path": policy_init_dir(cfg.policy.init)})
+    model, tokenizer, model_dir = load_base_model(model_cfg, cfg.adapter, device, head)
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
     train_examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     if cfg.train.disable_dropout:
@@ -108,11 +114,16 @@ def execute(run: Run, started: float | None = None) -> dict:
     print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path} ({run.device.type}), "
           f"{trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
           f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
-    final = train_loop(cfg, model, run.train_examples, run.eval_examples, run.collate, run.step_fn, run_dir,
-                       run.device)
+    if cfg.method.name == "ppo":
+        reward_fn = run.reward_fn or make_reward(cfg, model, run.tokenizer, run.model_dir)
+        final = ppo.train_ppo(cfg, model, run.tokenizer, run.train_examples, reward_fn, run_dir, run.device)
+    else:
+        final = train_loop(cfg, model, run.train_examples, run.eval_examples, run.collate, run.step_fn, run_dir,
+                           run.device)
     if hasattr(model, "peft_config"):
         model.peft_config["default"].base_model_name_or_path = run.model_dir
-    save_final(run_dir / "final", model, run.tokenizer)
+    save_final(run_dir / "final", model, run.tokenizer,
+               ppo.save_value_head if cfg.method.name == "ppo" else None)
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}

@@ -1,0 +1,226 @@
+"""PPO-RLHF stage on one base model copy.
+
+policy = base + the trained adapter; reference = the same base with adapters off;
+value function = a zero-initialised Linear on the policy's last hidden state (one
+forward gives log-probs and values, as in lm-human-preferences); reward = a
+reward-model adapter on the same base, a separate RM, or a gold judge
+(ppo_reward.py). Log-probs divide the logits by the sampling temperature in the
+rollout, the reference and the update alike.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import get_scheduler
+
+from ..data.tokenize import encode_prompt
+from ..errors import UsageError
+from ..eval.sample import generation_config, left_pad
+from ..objectives import token_logps
+from ..objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards,
+                              value_loss, whiten)
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from .common import autocast, make_optimizer
+from .loop import micro_batches, resume_point
+from .progress import progress_bar
+from .resources import peak_memory_mb
+
+
+def encode_prompts(tokenizer, rows, data, max_new_tokens: int) -> list[dict]:
+    """Prompt-only rows -> {"prompt_ids", "row"}; long prompts keep their last tokens."""
+    keep = min(data.max_prompt_length or data.max_length, data.max_length - max_new_tokens)
+    if keep < 1:
+        raise UsageError(f"data.max_length={data.max_length} leaves no room for a prompt before "
+                         f"method.max_new_tokens={max_new_tokens}")
+    out = []
+    for where, row in rows:
+        if row.get("prompt") is None:
+            raise UsageError(f"{where}: a PPO row needs a 'prompt' (found: {', '.join(row) or 'nothing'})")
+        out.append({"prompt_ids": encode_prompt(tokenizer, row["prompt"])[-keep:], "row": row})
+    return out
+
+
+def prepare(cfg, tokenizer, rows):
+    return encode_prompts(tokenizer, rows, cfg.data, cfg.method.max_new_tokens), None, None
+
+
+def add_value_head(model, device) -> torch.nn.Linear:
+    """V(s) = w . h(s), zero-initialised so the first advantages are plain returns."""
+    head = torch.nn.Linear(model.config.hidden_size, 1, bias=True).to(device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    model.v_head = head  # a submodule: trained, checkpointed and restored with the adapter
+    return head
+
+
+def forward_policy(model, ids, attn, n_resp: int, temperature: float, values: bool = True):
+    """(log-probs, values, entropy) of the last n_resp tokens, each (B, n_resp).
+
+    Counted from the end, so prompt-tuning's virtual tokens at the front change nothing.
+    """
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate used them
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=values,
+                logits_to_keep=n_resp + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    logp = token_logps(logits, ids[:, -n_resp:])
+    value = None
+    if values:
+        hidden = out.hidden_states[-1][:, -(n_resp + 1):-1]
+        value = model.v_head(hidden.to(model.v_head.weight.dtype)).squeeze(-1).float()
+    with torch.no_grad():
+        probs = logits.softmax(-1)
+        entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+    return logp, value, entropy
+
+
+def response_mask(resp: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first EOS (pads after it are 0); and whether each row has an EOS."""
+    is_eos = resp == eos_id
+    after_first = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after_first).long(), is_eos.any(-1)
+
+
+def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl_coef: float) -> dict:
+    """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
+    t0 = time.perf_counter()
+    ids, attn = left_pad([e["prompt_ids"] for e in examples], tokenizer.pad_token_id, device)
+    gen = generation_config(tokenizer, m.max_new_tokens, m.temperature, m.top_k, m.top_p)
+    with torch.no_grad():
+        seqs = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+    gen_seconds = time.perf_counter() - t0
+    resp = seqs[:, ids.shape[1]:]
+    mask, has_eos = response_mask(resp, tokenizer.eos_token_id)
+    resp = resp.masked_fill(mask == 0, tokenizer.pad_token_id)
+    full_ids, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
+    n = resp.shape[1]
+    with torch.no_grad(), autocast(precision, device):
+        logp, values, entropy = forward_policy(model, full_ids, full_attn, n, m.temperature)
+        with model.disable_adapter():
+            ref_logp = forward_policy(model, full_ids, full_attn, n, m.temperature, values=False)[0]
+    texts = [tokenizer.decode(r[k == 1], skip_special_tokens=True) for r, k in zip(resp, mask)]
+    scores = reward_fn([e["row"] for e in examples], texts).to(device).float()
+    if m.missing_eos_penalty is not None:
+        scores = scores - m.missing_eos_penalty * (~has_eos).float()
+    maskf = mask.float()
+    kl = kl_penalty(logp, ref_logp, m.kl_estimator.value) * maskf
+    rewards = token_rewards(scores, kl, kl_coef, maskf)
+    return {"ids": full_ids, "attn": full_attn, "mask": maskf, "logp": logp * maskf, "values": values * maskf,
+            "rewards": rewards, "scores": scores, "kl": kl, "entropy": entropy * maskf, "texts": texts,
+            "gen_tokens_per_s": float(mask.sum()) / gen_seconds, "eos": has_eos.float()}
+
+
+def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, generator) -> dict:
+    """method.ppo_epochs passes of num_minibatches clipped updates over one rollout batch."""
+    m, t = cfg.method, cfg.train
+    mask = batch["mask"]
+    advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
+    if m.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    size = len(mask) // m.num_minibatches
+    stats: dict[str, float] = defaultdict(float)
+    updates = 0
+    for _ in range(m.ppo_epochs):
+        order = torch.randperm(len(mask), generator=generator).to(device)
+        for k in range(m.num_minibatches):
+            idx = order[k * size:(k + 1) * size]
+            with autocast(t.precision.value, device):
+                logp, values, _ = forward_policy(model, batch["ids"][idx], batch["attn"][idx], mask.shape[1],
+                                                 m.temperature)
+                pg, clipfrac, approxkl = policy_loss(logp, batch["logp"][idx], advantages[idx], mask[idx],
+                                                     m.clip_range)
+                vf, vf_clipfrac = value_loss(values, batch["values"][idx], returns[idx], mask[idx], m.vf_clip)
+                loss = pg + m.vf_coef * vf
+            loss.backward()
+            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, clip))
+            stats["lr"] += scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in (("loss", loss), ("loss/policy", pg), ("loss/value", vf), ("policy/clipfrac", clipfrac),
+                               ("policy/approxkl", approxkl), ("val/clipfrac", vf_clipfrac)):
+                stats[key] += float(value.detach())
+            updates += 1
+    return {k: v / updates for k, v in stats.items()}
+
+
+def rollout_metrics(batch: dict, kl_coef: float) -> dict:
+    per_seq_kl = batch["kl"].sum(-1)
+    non_score = -kl_coef * per_seq_kl
+    return {
+        "objective/kl": float(per_seq_kl.mean()),
+        "objective/entropy": float(batch["entropy"].sum(-1).mean()),
+        "objective/non_score_reward": float(non_score.mean()),
+        "objective/scores": float(batch["scores"].mean()),
+        "objective/rlhf_reward": float((batch["scores"] + non_score).mean()),
+        "val/mean": float(masked_mean(batch["values"], batch["mask"])),
+        "response_length": float(batch["mask"].sum(-1).mean()),
+        "eos_fraction": float(batch["eos"].mean()),
+        "kl_coef": kl_coef,
+        "gen_tokens_per_s": batch["gen_tokens_per_s"],
+    }
+
+
+def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, device) -> dict:
+    """PPO steps (one rollout batch of train.batch_size prompts each); returns the final metrics."""
+    m, t = cfg.method, cfg.train
+    add_value_head(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(t.optimizer.value, params, t.lr, t.weight_decay, device)
+    per_epoch = -(-len(examples) // t.batch_size)
+    total = t.max_steps if t.max_steps > 0 else per_epoch * t.epochs
+    updates_per_step = m.ppo_epochs * m.num_minibatches
+    scheduler = get_scheduler(t.schedule.value, optimizer, num_training_steps=total * updates_per_step,
+                              num_warmup_steps=int(t.warmup_ratio * total * updates_per_step))
+    start, kl_coef = 0, m.kl_coef
+    resume_from = resume_point(cfg, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start, kl_coef = state["step"], state["kl_coef"]
+    generator = torch.Generator().manual_seed(t.seed)
+    metrics_file, samples_file = (run_dir / "metrics.jsonl").open("a"), (run_dir / "samples.jsonl").open("a")
+    last: dict = {}
+    model.train()  # dropout is off; bitsandbytes' CPU eval-mode kernel would differ from the update's
+    with progress_bar(total, start) as bar:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            epoch = step // per_epoch
+            batch_examples = micro_batches(examples, t.batch_size, t.seed, epoch)[step % per_epoch]
+            generator.manual_seed(t.seed * 100003 + step)  # minibatch order = f(seed, step): exact resume
+            batch = rollout(model, tokenizer, batch_examples, reward_fn, m, t.precision.value, device, kl_coef)
+            stats = ppo_update(model, batch, optimizer, scheduler, params, cfg, device, generator)
+            last = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **rollout_metrics(batch, kl_coef),
+                    **stats}
+            elapsed = time.perf_counter() - t0
+            last["tokens_per_s"] = float(batch["attn"].sum()) * updates_per_step / elapsed
+            last["samples_per_s"] = len(batch_examples) / elapsed
+            if m.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, last["objective/kl"], m.target_kl, m.kl_horizon,
+                                           len(batch_examples))
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            if step % m.sample_every == 0:
+                for e, text, score in list(zip(batch_examples, batch["texts"], batch["scores"].tolist()))[:4]:
+                    samples_file.write(json.dumps({"step": step + 1, "prompt": e["row"]["prompt"],
+                                                   "completion": text, "score": score}, ensure_ascii=False) + "\n")
+                samples_file.flush()
+            bar.update(step + 1, last["objective/scores"])
+            done = step + 1
+            if t.save_every and done % t.save_every == 0 and done < total:
+                save_checkpoint(run_dir / "checkpoints" / f"step-{done}", model, optimizer, scheduler, done,
+                                {"epoch": epoch, "kl_coef": kl_coef})
+                prune_checkpoints(run_dir, t.keep_checkpoints)
+    metrics_file.close()
+    samples_file.close()
+    return {**last, "train_steps": total - start, **peak_memory_mb(device)}
+
+
+def save_value_head(model, final: Path) -> None:
+    """final/value_head.safetensors: the value head, next to the policy adapter."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.v_head.state_dict().items()},
+              final / "value_head.safetensors")
