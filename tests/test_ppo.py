@@ -107,3 +107,25 @@ def test_tiny_policy_learns_a_toy_reward(tmp_path):
     assert (tmp_path / "run" / "samples.jsonl").exists()
     assert (tmp_path / "run" / "final" / "value_head.safetensors").exists()
     assert summary["train_steps"] == 30
+
+
+def test_reward_model_on_the_same_base_is_a_second_adapter(tmp_path):
+    from alignkit.eval.reward import load_scorer
+    from alignkit.stages.ppo_reward import as_completion, make_reward
+
+    rm_run = prepare_run(tiny_cfg(tmp_path / "rm", "method=rm", "train.max_steps=2"))
+    execute(rm_run)
+    rm_dir = tmp_path / "rm" / "run"
+    run = prepare_run(tiny_cfg(tmp_path / "ppo", "method=ppo", f"reward.run={rm_dir}", "train.max_steps=2",
+                               "method.max_new_tokens=6", "data.eval_fraction=0"))
+    reward = make_reward(run.cfg, run.model, run.tokenizer, run.model_dir)
+    assert set(run.model.peft_config) == {"default", "reward"}  # no second copy of the base
+    rows = [e["row"] for e in run.train_examples[:3]]
+    texts = ["12. The answer is 12.", "no idea", "7"]
+    separate = load_scorer(rm_dir)([r["prompt"] for r in rows], [as_completion(r["prompt"], t) for r, t in zip(rows, texts)])
+    torch.testing.assert_close(reward(rows, texts), separate, rtol=1e-5, atol=1e-5)
+    assert run.model.active_adapter == "default"
+    run.reward_fn = reward
+    execute(run)
+    final = tmp_path / "ppo" / "run" / "final"
+    assert (final / "adapter_model.safetensors").exists() and not (final / "reward").exists()
