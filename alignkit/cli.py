@@ -10,7 +10,8 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|dpo adapter=lora|qlora|full model=... data=...
+  train     run one stage: method=sft|dpo adapter=lora|qlora|full|bitdelta model=... data=...
+  compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
   list      show config groups, their options and the valid method x adapter pairs
 
 options:
@@ -27,6 +28,7 @@ examples:
   alignkit train method=sft model=tiny train.max_steps=5
   alignkit train method=dpo data.path=prefs.jsonl method.beta=0.2
   alignkit train -m method=dpo method.beta=0.1,0.5 model=tiny
+  alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
   alignkit list
 
 environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
@@ -115,6 +117,39 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _compress(args: list[str]) -> int:
+    """base=PATH finetuned=PATH are model.path and adapter.finetuned with adapter=bitdelta."""
+    from omegaconf import OmegaConf
+
+    from .config.compose import check_overrides, compose_config
+    from .config.validate import validate
+
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UsageError("compress runs one job: -m is not supported")
+    show_cfg = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]} (see alignkit --help)")
+    check_overrides(overrides, multirun=False)
+    keys = [a.split("=", 1)[0] for a in overrides]
+    if not {"base", "model", "model.path"} & set(keys):
+        raise UsageError("compress needs base=PATH (the model before fine-tuning) and finetuned=PATH")
+    if any(a.startswith("adapter=") and a != "adapter=bitdelta" for a in overrides):
+        raise UsageError("compress makes BitDelta artifacts: adapter must be bitdelta")
+    renamed = {"base": "model.path", "finetuned": "adapter.finetuned"}
+    overrides = [f"{renamed[k]}={a.split('=', 1)[1]}" if k in renamed else a for k, a in zip(keys, overrides)]
+    cfg = compose_config(["adapter=bitdelta", "run.dir=runs/compress-${now:%Y%m%d-%H%M%S}", *overrides])
+    validate(cfg, verb="compress")
+    if show_cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    from .bitdelta.pipeline import run_compress
+
+    run_compress(cfg)
+    return 0
+
+
 def _quiet_library_warnings() -> None:
     """Deprecation chatter from torch/transformers internals that a user cannot act on."""
     import warnings
@@ -133,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    verbs = {"train": lambda: _train(args), "list": _list}
+    verbs = {"train": lambda: _train(args), "compress": lambda: _compress(args), "list": _list}
     try:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")

@@ -46,6 +46,11 @@ class DPOLoss(Enum):
     sigmoid = "sigmoid"
 
 
+class DistillLoss(Enum):
+    kl = "kl"
+    mse = "mse"
+
+
 # ---- method group -------------------------------------------------------
 @dataclass
 class SFTMethod:
@@ -81,6 +86,16 @@ class QLoraAdapter(LoraAdapter):
 @dataclass
 class FullAdapter:
     name: str = MISSING
+
+
+@dataclass
+class BitDeltaAdapter:
+    name: str = MISSING
+    distill_steps: int = MISSING
+    lr: float = MISSING
+    distill_loss: DistillLoss = MISSING
+    gold_max_new_tokens: int = MISSING
+    finetuned: Optional[str] = MISSING  # alignkit compress only: the fine-tuned model
 
 
 # ---- plain groups -------------------------------------------------------
@@ -148,3 +163,4 @@ def register() -> None:
     cs.store(group="adapter", name="base_lora", node=LoraAdapter)
     cs.store(group="adapter", name="base_qlora", node=QLoraAdapter)
     cs.store(group="adapter", name="base_full", node=FullAdapter)
+    cs.store(group="adapter", name="base_bitdelta", node=BitDeltaAdapter)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..adapters import WEIGHT_ADAPTERS
 from ..errors import UsageError
 from .cache import cached, fetch_smollm2, gguf_entry
 from .tiny import save_tiny
@@ -76,7 +77,7 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
     hf_logging.disable_progress_bar()
     source = resolve_model_dir(model_cfg.path)
     kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
-                  dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name == "full"))
+                  dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name in WEIGHT_ADAPTERS))
     if adapter.name == "qlora":
         kwargs.update(quantization_config=quantization_config(adapter, device), device_map={"": device.type})
     try:

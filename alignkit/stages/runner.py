@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..adapters import attach_adapter
+from ..adapters import WEIGHT_ADAPTERS, attach_adapter
 from ..data.load import load_rows, split_eval
 from ..errors import UsageError
 from ..models.load import load_base_model, pick_device
@@ -87,7 +87,7 @@ def prepare_run(cfg: DictConfig) -> Run:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
     model = attach_adapter(model, cfg.adapter, cfg.train)
-    if cfg.method.name == "dpo" and cfg.adapter.name == "full":
+    if cfg.method.name == "dpo" and cfg.adapter.name in WEIGHT_ADAPTERS:
         # nothing to disable for a reference: take its log-probs once, before training
         with autocast(cfg.train.precision.value, device):
             dpo.precompute_reference(model, examples, collate, cfg.train.eval_batch_size, device)
@@ -106,14 +106,31 @@ def execute(run: Run, started: float | None = None) -> dict:
           f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
     final = train_loop(cfg, model, run.train_examples, run.eval_examples, run.collate, run.step_fn, run_dir,
                        run.device)
-    if hasattr(model, "peft_config"):
-        model.peft_config["default"].base_model_name_or_path = run.model_dir
-    save_final(run_dir / "final", model, run.tokenizer)
+    final.update(FINISH.get(cfg.adapter.name, save_model)(run))
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
     atomic_json(run_dir / "summary.json", summary)
     return summary
+
+
+def save_model(run: Run) -> dict:
+    """final/: the peft adapter dir or the full model dir, plus the tokenizer."""
+    if hasattr(run.model, "peft_config"):
+        run.model.peft_config["default"].base_model_name_or_path = run.model_dir
+    save_final(run.run_dir / "final", run.model, run.tokenizer)
+    return {}
+
+
+def save_bitdelta(run: Run) -> dict:
+    """final/: only the BitDelta artifact of the trained model over its base (+ compress.json)."""
+    from ..bitdelta.pipeline import compress_trained
+
+    return compress_trained(run)
+
+
+# adapters whose final/ is not the trained model as it is
+FINISH = {"bitdelta": save_bitdelta}
 
 
 def run_train(cfg: DictConfig) -> dict:
