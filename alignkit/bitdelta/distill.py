@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from transformers import get_scheduler
 
+from ..stages.progress import progress_bar
 from .fidelity import batches, logits, masked_kl, masked_logit_mse
 
 LOSSES = {"kl": masked_kl, "mse": masked_logit_mse}
@@ -44,13 +45,16 @@ def distill_scales(teacher, student, stream: Iterator[dict], steps: int, lr: flo
     teacher.eval()
     student.eval()  # no dropout: the student must see what the teacher sees
     history = []
-    for batch in itertools.islice(stream, steps):
-        with torch.no_grad():
-            target = logits(teacher, batch, device, precision)
-        value = loss_fn(target, logits(student, batch, device, precision), batch["attention_mask"].to(device).float())
-        value.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(float(value.detach()))
+    with progress_bar(steps, 0, "distil scales") as bar:
+        for batch in itertools.islice(stream, steps):
+            with torch.no_grad():
+                target = logits(teacher, batch, device, precision)
+            mask = batch["attention_mask"].to(device).float()
+            value = loss_fn(target, logits(student, batch, device, precision), mask)
+            value.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(float(value.detach()))
+            bar.update(len(history), history[-1])
     return history

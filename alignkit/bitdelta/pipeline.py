@@ -77,6 +77,9 @@ def compress_models(cfg: DictConfig, base, finetuned, tokenizer, data: tuple, de
     unwrap_linears(base)
     merge(base, delta)  # measure exactly what apply() gives a user
     fid["distilled"] = measure(base)
+    gold_ft = fid["finetuned"]["gold"]
+    for stage in ("base", "initial", "distilled"):  # the target: >= 0.95 of the fine-tuned score
+        fid[stage]["gold_vs_finetuned"] = fid[stage]["gold"] / gold_ft if judge and gold_ft else None
     report = {"base_sha256": fingerprint, "fidelity": fid,
               "distill": {"steps": a.distill_steps, "loss": a.distill_loss.value, "lr": a.lr,
                           "calibration_sequences": len(calibration), "loss_first": losses[0] if losses else None,

@@ -6,6 +6,7 @@ from pathlib import Path
 from .artifact import artifact_bytes
 from .compress import Delta
 
+SHOWN_EXTRAS = 3  # the largest changed tensors named in the table; compress.json lists them all
 STAGES = ("base", "initial", "distilled", "finetuned")
 TITLES = {"base": "base (no delta)", "initial": "BitDelta, α = mean|Δ|", "distilled": "BitDelta, distilled α",
           "finetuned": "fine-tuned"}
@@ -67,19 +68,26 @@ def print_report(report: dict) -> None:
     sizes.add_row(f"artifact ({report['artifact']})", _mb(size["artifact_bytes"]), f"{size['ratio']:.1f}x smaller")
     sizes.add_row(f"  1-bit signs + scales, {size['linears']} block linears", _mb(size["one_bit_bytes"]),
                   f"{size['one_bit_ratio']:.1f}x smaller" if size["one_bit_ratio"] else "-")
-    for extra in size["extras"]:
+    extras = sorted(size["extras"], key=lambda e: -e["bytes"])
+    for extra in extras[:SHOWN_EXTRAS]:
         sizes.add_row(f"  full precision: {extra['name']} {extra['shape']} {extra['dtype']}", _mb(extra["bytes"]),
                       "kept whole")
+    if len(extras) > SHOWN_EXTRAS:
+        rest = extras[SHOWN_EXTRAS:]
+        sizes.add_row(f"  full precision: {len(rest)} more changed tensors (see compress.json)",
+                      _mb(sum(e["bytes"] for e in rest)), "kept whole")
     sizes.add_row("fp16 delta (every changed tensor)", _mb(size["fp16_delta_bytes"]), "1.0x")
     fid = report["fidelity"]
     table = Table(title=f"fidelity on {fid['text']} ({fid['base']['tokens']} tokens; gold: {fid['gold_rows']} "
                         f"prompts of {fid['task'] or '-'})")
-    for column in ("model", "KL(fine-tuned || model)/token", "next-token agreement", "gold score"):
+    for column in ("model", "KL(fine-tuned || model)/token", "next-token agreement", "gold score",
+                   "gold vs fine-tuned"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for stage in STAGES:
         row = fid[stage]
         gold = "-" if row.get("gold") is None else f"{row['gold']:.3f}"
-        table.add_row(TITLES[stage], f"{row['kl']:.4g}", f"{row['agreement']:.2%}", gold)
+        kept = "-" if row.get("gold_vs_finetuned") is None else f"{row['gold_vs_finetuned']:.0%}"
+        table.add_row(TITLES[stage], f"{row['kl']:.4g}", f"{row['agreement']:.2%}", gold, kept)
     console = Console()
     console.print(sizes)
     console.print(table)
