@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -77,6 +76,3 @@ def artifact_bytes(path: Path) -> int:
     """Bytes on disk of the artifact proper (tensors + manifest; the tokenizer files not counted)."""
     return (Path(path) / TENSORS).stat().st_size + (Path(path) / MANIFEST).stat().st_size
 
-
-def scales_to_fp32(scales: dict) -> dict:
-    return {name: torch.as_tensor(s).detach().float().reshape(()).cpu() for name, s in scales.items()}
