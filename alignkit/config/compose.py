@@ -17,11 +17,16 @@ _STARTED = datetime.now()
 
 
 def config_dir() -> Path:
-    """configs/, shipped inside the wheel as alignkit.configs; in a checkout, the top-level configs/."""
+    """configs/: in a source checkout the top-level configs/ next to the package (so a checkout on
+    PYTHONPATH uses its own YAML even when another copy is installed editable), else the wheel's
+    alignkit.configs package data."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "config.yaml").is_file():
+        return checkout / "configs"
     try:
         return Path(str(files("alignkit.configs")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[2] / "configs"
+    except ModuleNotFoundError:  # a partial copy of the source tree
+        return checkout / "configs"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
