@@ -17,11 +17,12 @@ _STARTED = datetime.now()
 
 
 def config_dir() -> Path:
-    """configs/, shipped inside the wheel as alignkit.configs; in a checkout, the top-level configs/."""
-    try:
-        return Path(str(files("alignkit.configs")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[2] / "configs"
+    """configs/: in a checkout (editable install included), the top-level configs/ next to the package;
+    in a wheel install, the package data alignkit.configs."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "configs" / "config.yaml").is_file():
+        return root / "configs"
+    return Path(str(files("alignkit.configs")))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -5,9 +5,9 @@ from ..errors import UsageError
 
 # method -> adapters it runs with
 VALID = {
-    "sft": ("lora", "qlora", "full"),
-    "dpo": ("lora", "qlora", "full"),
-    "rm": ("lora", "qlora", "full"),
+    "sft": ("prompt", "prefix", "lora", "qlora", "full"),
+    "dpo": ("prompt", "prefix", "lora", "qlora", "full"),
+    "rm": ("prompt", "prefix", "lora", "qlora", "full"),
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.prompt import virtual_token_inputs
 from ..data.tokenize import is_conversational
 
 
@@ -27,6 +28,7 @@ def generate(model, tokenizer, prompts: list, sample, device, seed: int = 0) -> 
         temperature=sample.temperature if sample.temperature > 0 else None,
         top_k=sample.top_k if sample.temperature > 0 else None,
         top_p=sample.top_p if sample.temperature > 0 else None,
+        # use_cache must stay on: a prefix adapter's K/V prefix is the prefilled cache
         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
     torch.manual_seed(seed)
@@ -39,7 +41,11 @@ def generate(model, tokenizer, prompts: list, sample, device, seed: int = 0) -> 
             width = max(map(len, chunk))
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-            out += tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
+            # a prompt/prefix adapter's virtual tokens go in as embeddings or a prefilled KV cache
+            module, inputs, _ = virtual_token_inputs(model, ids, mask)
+            seqs = module.generate(**inputs, generation_config=gen)
+            # from inputs_embeds, generate returns only the new tokens; from input_ids, prompt + new
+            out += tokenizer.batch_decode(seqs[:, width:] if "input_ids" in inputs else seqs,
+                                          skip_special_tokens=True)
     model.train(was_training)
     return out
