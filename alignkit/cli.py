@@ -10,7 +10,8 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo adapter=lora|qlora|full|bitdelta ...
+  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo
+            adapter=lora|qlora|full|prompt|prefix|bitdelta model=... data=...
   eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
             DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
   generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts

@@ -41,7 +41,8 @@ def test_train_dpo_lora_writes_the_run_directory(tmp_path):
 BAD = [
     (["method.betta=1"], "Key 'betta' not in 'DPOMethod'"),
     (["method=foo"], "Could not find 'method/foo'"),
-    (["adapter=prompt"], "Could not find 'adapter/prompt'"),
+    (["adapter=nope"], "Could not find 'adapter/nope'"),
+    (["adapter=prefix", "train.gradient_checkpointing=true"], "adapter=prefix does not work with train.gradient_"),
     (["train.batch_size=many"], "could not be converted to Integer"),
     (["train.optimizer=sgd"], "Invalid value 'sgd'"),
     (["method.beta=0,1"], "is a sweep: add -m"),
