@@ -56,6 +56,8 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
     if method == "rm":
         assert {"accuracy", "margin"} <= set(lines[0])
     reloaded, _, _ = load_run(run_dir)
+    if adapter == "bitdelta":
+        return  # final/ is the lossy 1-bit artifact; its fidelity is checked in test_bitdelta.py
     if method == "ppo":
         assert (run_dir / "final" / "value_head.safetensors").exists()
         batch = pad_batch([{"input_ids": e["prompt_ids"], "completion_mask": [1] * len(e["prompt_ids"])}
