@@ -114,9 +114,11 @@ def test_prompt_init_text_copies_the_token_embeddings_cyclically(tmp_path):
     torch.testing.assert_close(run.model.prompt_encoder["default"].embedding.weight, embed[[*ids, ids[0]]])  # cut or repeated to N
 
 
-def test_prefix_with_gradient_checkpointing_is_refused(tmp_path):
+def test_prefix_with_gradient_checkpointing_and_empty_init_text_are_refused(tmp_path):
     with pytest.raises(UsageError, match="adapter=prefix does not work with train.gradient_checkpointing=true"):
         tiny_cfg(tmp_path, "adapter=prefix", "train.gradient_checkpointing=true")
+    with pytest.raises(UsageError, match="adapter.init_text='' is out of range"):
+        tiny_cfg(tmp_path, "adapter=prompt", "adapter.init_text=''")
 
 
 def test_input_positions_drops_virtual_tokens_and_never_shifts():

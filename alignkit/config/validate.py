@@ -46,6 +46,8 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
         _validate_bitdelta(cfg, verb)
     if a.name in ("prompt", "prefix"):
         _require(a.num_virtual_tokens >= 1, "adapter.num_virtual_tokens", a.num_virtual_tokens, "must be >= 1")
+    if a.name == "prompt" and a.init_text is not None:
+        _require(a.init_text.strip() != "", "adapter.init_text", repr(a.init_text), "must be text, or null for random")
     if a.name == "prefix":
         _require(a.projection_hidden_size >= 1, "adapter.projection_hidden_size", a.projection_hidden_size,
                  "must be >= 1")
