@@ -17,11 +17,12 @@ _STARTED = datetime.now()
 
 
 def config_dir() -> Path:
-    """configs/, shipped inside the wheel as alignkit.configs; in a checkout, the top-level configs/."""
-    try:
-        return Path(str(files("alignkit.configs")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[2] / "configs"
+    """configs/: in a checkout, the top-level configs/ next to the package (so a worktree or an
+    editable install of another checkout uses its own); installed, the alignkit.configs package data."""
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    return Path(str(files("alignkit.configs")))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
