@@ -10,10 +10,11 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|rm|dpo (ipo, simpo) adapter=lora|qlora|full model=... data=...
+  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo adapter=lora|qlora|full|bitdelta ...
   eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
             DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
   generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts
+  compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
   list      show config groups, their options and the valid method x adapter pairs
 
 options:
@@ -32,6 +33,7 @@ examples:
   alignkit train -m method=dpo method.beta=0.1,0.5 model=tiny
   alignkit eval run=runs/dpo-lora-20261125-101500
   alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
+  alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
   alignkit list
 
 environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
@@ -120,6 +122,39 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _compress(args: list[str]) -> int:
+    """base=PATH finetuned=PATH are model.path and adapter.finetuned with adapter=bitdelta."""
+    from omegaconf import OmegaConf
+
+    from .config.compose import check_overrides, compose_config
+    from .config.validate import validate
+
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UsageError("compress runs one job: -m is not supported")
+    show_cfg = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]} (see alignkit --help)")
+    check_overrides(overrides, multirun=False)
+    keys = [a.split("=", 1)[0] for a in overrides]
+    if not {"base", "model", "model.path"} & set(keys):
+        raise UsageError("compress needs base=PATH (the model before fine-tuning) and finetuned=PATH")
+    if any(a.startswith("adapter=") and a != "adapter=bitdelta" for a in overrides):
+        raise UsageError("compress makes BitDelta artifacts: adapter must be bitdelta")
+    renamed = {"base": "model.path", "finetuned": "adapter.finetuned"}
+    overrides = [f"{renamed[k]}={a.split('=', 1)[1]}" if k in renamed else a for k, a in zip(keys, overrides)]
+    cfg = compose_config(["adapter=bitdelta", "run.dir=runs/compress-${now:%Y%m%d-%H%M%S}", *overrides])
+    validate(cfg, verb="compress")
+    if show_cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    from .bitdelta.pipeline import run_compress
+
+    run_compress(cfg)
+    return 0
+
+
 def _quiet_library_warnings() -> None:
     """Deprecation chatter from torch/transformers internals that a user cannot act on."""
     import warnings
@@ -152,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    verbs = {"train": lambda: _train(args), "list": _list, "eval": lambda: _evaluate(args),
-             "generate": lambda: _generate(args)}
+    verbs = {"train": lambda: _train(args), "compress": lambda: _compress(args), "list": _list,
+             "eval": lambda: _evaluate(args), "generate": lambda: _generate(args)}
     try:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")

@@ -42,6 +42,7 @@ def test_truncation_keeps_prompt_end_and_completion_start():
     ex = truncate([1, 2, 3, 4], [5, 6, 7], max_length=5, max_prompt_length=None)
     assert ex["input_ids"] == [1, 2, 3, 4, 5] and ex["completion_mask"] == [0, 0, 0, 0, 1]
     assert truncate([1, 2, 3, 4, 5], [6], max_length=5, max_prompt_length=None) is None
+    assert truncate([1, 2, 3, 4, 5, 6], [7, 8], max_length=5, max_prompt_length=None) is None  # no negative slice
 
 
 def test_sft_formats_and_masks(tiny_tokenizer):

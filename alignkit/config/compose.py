@@ -17,12 +17,16 @@ _STARTED = datetime.now()
 
 
 def config_dir() -> Path:
-    """configs/: in a checkout, the top-level configs/ next to the package (so a worktree or an
-    editable install of another checkout uses its own); installed, the alignkit.configs package data."""
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if (checkout / "config.yaml").is_file():
-        return checkout
-    return Path(str(files("alignkit.configs")))
+    """configs/: in a source checkout the top-level configs/ next to the package (so a checkout on
+    PYTHONPATH uses its own YAML even when another copy is installed editable), else the wheel's
+    alignkit.configs package data."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "config.yaml").is_file():
+        return checkout / "configs"
+    try:
+        return Path(str(files("alignkit.configs")))
+    except ModuleNotFoundError:  # a partial copy of the source tree
+        return checkout / "configs"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -5,8 +5,8 @@ from ..errors import UsageError
 
 # method -> adapters it runs with
 VALID = {
-    "sft": ("lora", "qlora", "full"),
-    "dpo": ("lora", "qlora", "full"),
+    "sft": ("lora", "qlora", "full", "bitdelta"),
+    "dpo": ("lora", "qlora", "full", "bitdelta"),
     "rm": ("lora", "qlora", "full"),
     # one base copy: the reference is the base with adapters off, so no full fine-tune
     "ppo": ("lora", "qlora"),

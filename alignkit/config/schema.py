@@ -50,6 +50,11 @@ class DPOLoss(Enum):
     simpo = "simpo"
 
 
+class DistillLoss(Enum):
+    kl = "kl"
+    mse = "mse"
+
+
 # ---- method group -------------------------------------------------------
 @dataclass
 class SFTMethod:
@@ -136,6 +141,16 @@ class FullAdapter:
     name: str = MISSING
 
 
+@dataclass
+class BitDeltaAdapter:
+    name: str = MISSING
+    distill_steps: int = MISSING
+    lr: float = MISSING
+    distill_loss: DistillLoss = MISSING
+    gold_max_new_tokens: int = MISSING
+    finetuned: Optional[str] = MISSING  # alignkit compress only: the fine-tuned model
+
+
 # ---- plain groups -------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -210,7 +225,7 @@ class Config:
 # schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
 SCHEMAS = {
     "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod, "ppo": PPOMethod},
-    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter},
+    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter, "bitdelta": BitDeltaAdapter},
 }
 
 

@@ -12,7 +12,7 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
         raise UsageError(f"{key}={value} is out of range: {rule}")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, verb: str = "train") -> None:
     check_combination(cfg.method.name, cfg.adapter.name)
     m, a, d, t = cfg.method, cfg.adapter, cfg.data, cfg.train
     if m.name == "dpo":
@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
         _require(a.r >= 1, "adapter.r", a.r, "must be >= 1")
         _require(a.alpha > 0, "adapter.alpha", a.alpha, "must be > 0")
         _require(0 <= a.dropout < 1, "adapter.dropout", a.dropout, "must be in [0, 1)")
+    if a.name == "bitdelta":
+        _validate_bitdelta(cfg, verb)
     if d.path is None and d.task is None:
         raise UsageError("no data: set data.path (a file or hub dataset id) or data.task (a built-in task)")
     _require(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2")
@@ -65,3 +67,17 @@ def validate(cfg: DictConfig) -> None:
     _require(s.batch_size >= 1 and s.num_prompts >= 1, "sample.batch_size/num_prompts",
              f"{s.batch_size}/{s.num_prompts}", "must be >= 1")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")
+
+
+def _validate_bitdelta(cfg: DictConfig, verb: str) -> None:
+    a = cfg.adapter
+    _require(a.distill_steps >= 0, "adapter.distill_steps", a.distill_steps, "must be >= 0 (0 = no distillation)")
+    _require(a.lr >= 0, "adapter.lr", a.lr, "must be >= 0")
+    _require(a.gold_max_new_tokens >= 1, "adapter.gold_max_new_tokens", a.gold_max_new_tokens, "must be >= 1")
+    if verb == "compress":
+        if a.finetuned is None:
+            raise UsageError("compress needs finetuned=PATH (the fine-tuned model) and base=PATH (its base)")
+        if cfg.run.resume is not False:
+            raise UsageError("alignkit compress does not resume: leave run.resume=false")
+    elif a.finetuned is not None:
+        raise UsageError("adapter.finetuned is for alignkit compress; alignkit train compresses the model it trains")

@@ -49,9 +49,10 @@ def truncate(prompt_ids, completion_ids, max_length: int, max_prompt_length) -> 
     """Keep the end of a long prompt, the start of a long completion; None if no completion fits."""
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
-    completion_ids = completion_ids[: max_length - len(prompt_ids)]
-    if not completion_ids:
+    room = max_length - len(prompt_ids)
+    if room <= 0:  # the prompt alone fills max_length: nothing left to train on
         return None
+    completion_ids = completion_ids[:room]
     return {"input_ids": prompt_ids + completion_ids,
             "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 

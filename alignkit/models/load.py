@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..adapters import WEIGHT_ADAPTERS
 from ..errors import UsageError
 from .cache import cached, fetch_smollm2, gguf_entry
 from .tiny import save_tiny
@@ -82,7 +83,7 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
     hf_logging.set_verbosity_error()  # the load report lists the head swap as missing/unexpected keys
     source = resolve_model_dir(model_cfg.path)
     kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
-                  dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name == "full"))
+                  dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name in WEIGHT_ADAPTERS))
     if adapter.name == "qlora":
         kwargs.update(quantization_config=quantization_config(adapter, device), device_map={"": device.type})
     try:
@@ -124,7 +125,7 @@ def load_run(run_dir, device: torch.device | None = None):
     """Load a finished run's final/ as its method trained it: (model in eval mode, tokenizer, cfg).
 
     lora/qlora: the base (4-bit again for qlora) + the peft adapter (with its score head for an RM);
-    full: final/ is a complete model dir.
+    full: final/ is a complete model dir; bitdelta: the base with the 1-bit delta applied.
     """
     from omegaconf import OmegaConf
 
@@ -141,6 +142,11 @@ def load_run(run_dir, device: torch.device | None = None):
     if cfg.adapter.name == "full":
         model_cfg = OmegaConf.merge(cfg.model, {"path": str(final)})
         model, tokenizer, _ = load_base_model(model_cfg, cfg.adapter, device, head)
+    elif cfg.adapter.name == "bitdelta":  # final/ is the 1-bit delta: base + alpha * sign
+        from ..bitdelta.apply import apply
+
+        model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, device, head)
+        model = apply(model, final)
     else:
         from peft import PeftModel
 

@@ -46,7 +46,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: 
     """r_t = -kl_coef * kl_t, plus the sequence score on the last real response token (not one past it)."""
     rewards = -kl_coef * kl * mask
     last = (mask.cumsum(-1) * mask).argmax(-1)  # index of the last 1 in each row
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards
 
 

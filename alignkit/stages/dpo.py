@@ -1,7 +1,7 @@
 """DPO stage (and its family: cDPO, IPO, hinge, SimPO) on policy vs reference log-probs.
 
 The reference is the same model with its adapters disabled. With no adapter to
-disable (adapter=full), or with method.precompute_ref=true, the reference
+disable (adapter=full or bitdelta), or with method.precompute_ref=true, the reference
 log-probs are computed once before the first step and cached in the run dir
 (ref_logps.safetensors), so a resumed run reuses them. SimPO has no reference.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapters import WEIGHT_ADAPTERS
 from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
 from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
@@ -60,7 +61,7 @@ def dpo_step(model, batch: dict, denominator: int, method):
 def needs_precomputed_reference(cfg) -> bool:
     if cfg.method.loss.value == "simpo":
         return False
-    return cfg.method.precompute_ref or cfg.adapter.name == "full"
+    return cfg.method.precompute_ref or cfg.adapter.name in WEIGHT_ADAPTERS
 
 
 def _fingerprint(examples: list) -> str:

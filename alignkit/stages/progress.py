@@ -11,17 +11,17 @@ class _Silent:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, start: int):
+def progress_bar(total: int, start: int, label: str = "train"):
     if not sys.stderr.isatty():
         yield _Silent()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("train", total=total, completed=start, loss="-")
+        task = progress.add_task(label, total=total, completed=start, loss="-")
 
         class _Bar:
             def update(self, step: int, loss) -> None:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..adapters import attach_adapter
+from ..adapters import WEIGHT_ADAPTERS, attach_adapter
 from ..data.load import load_rows, split_eval
 from ..errors import UsageError
 from ..models.load import load_base_model, pick_device, policy_init_dir
@@ -120,15 +120,32 @@ def execute(run: Run, started: float | None = None) -> dict:
     else:
         final = train_loop(cfg, model, run.train_examples, run.eval_examples, run.collate, run.step_fn, run_dir,
                            run.device)
-    if hasattr(model, "peft_config"):
-        model.peft_config["default"].base_model_name_or_path = run.model_dir
-    save_final(run_dir / "final", model, run.tokenizer,
-               ppo.save_value_head if cfg.method.name == "ppo" else None)
+    final.update(FINISH.get(cfg.adapter.name, save_model)(run))
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
     atomic_json(run_dir / "summary.json", summary)
     return summary
+
+
+def save_model(run: Run) -> dict:
+    """final/: the peft adapter dir or the full model dir, plus the tokenizer (and PPO's value head)."""
+    if hasattr(run.model, "peft_config"):
+        run.model.peft_config["default"].base_model_name_or_path = run.model_dir
+    extra = ppo.save_value_head if run.cfg.method.name == "ppo" else None
+    save_final(run.run_dir / "final", run.model, run.tokenizer, extra)
+    return {}
+
+
+def save_bitdelta(run: Run) -> dict:
+    """final/: only the BitDelta artifact of the trained model over its base (+ compress.json)."""
+    from ..bitdelta.pipeline import compress_trained
+
+    return compress_trained(run)
+
+
+# adapters whose final/ is not the trained model as it is
+FINISH = {"bitdelta": save_bitdelta}
 
 
 def run_train(cfg: DictConfig) -> dict:

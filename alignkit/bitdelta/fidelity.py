@@ -1,0 +1,98 @@
+"""How close a compressed model is to the fine-tuned one: KL, next-token agreement, gold score.
+
+Per-token numbers are over every real (non-padding) position of the held-out sequences, prompt
+and completion alike: KL(fine-tuned || compressed) of the next-token distributions, and whether
+the two models' greedy next tokens (argmax) agree.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.collate import pad_batch
+from ..data.tokenize import encode_pair, is_conversational
+from ..stages.common import autocast
+
+
+def sequences(examples: list[dict]) -> list[dict]:
+    """Token sequences of encoded examples: SFT rows as they are, preference pairs as both sides."""
+    out = []
+    for e in examples:
+        out.extend([e["chosen"], e["rejected"]] if "chosen" in e else [e])
+    return out
+
+
+def batches(seqs: list[dict], batch_size: int, pad_id: int) -> list[dict]:
+    """Right-padded {input_ids, attention_mask} batches of batch_size sequences, in order."""
+    return [{k: v for k, v in pad_batch(seqs[i:i + batch_size], pad_id).items() if k != "completion_mask"}
+            for i in range(0, len(seqs), batch_size)]
+
+
+def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask (B, T) is 1 of KL(softmax(teacher) || softmax(student)); logits (B, T, V)."""
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def masked_logit_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor):
+    """The paper's distillation loss: squared logit difference, mean over masked positions x vocabulary."""
+    se = (teacher_logits.float() - student_logits.float()).pow(2).mean(-1)
+    return (se * mask).sum() / mask.sum()
+
+
+def logits(model, batch: dict, device, precision: str) -> torch.Tensor:
+    with autocast(precision, device):
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.logits.float()
+
+
+@torch.no_grad()
+def fidelity(teacher, model, eval_batches: list[dict], device, precision: str) -> dict:
+    """{"kl": mean KL(teacher || model) per token, "agreement": argmax match rate, "tokens": count}."""
+    teacher.eval()
+    model.eval()
+    kl_sum, agree, tokens = 0.0, 0.0, 0.0
+    for batch in eval_batches:
+        mask = batch["attention_mask"].to(device).float()
+        t, s = logits(teacher, batch, device, precision), logits(model, batch, device, precision)
+        n = float(mask.sum())
+        kl_sum += float(masked_kl(t, s, mask)) * n
+        agree += float(((t.argmax(-1) == s.argmax(-1)).float() * mask).sum())
+        tokens += n
+    return {"kl": kl_sum / max(tokens, 1), "agreement": agree / max(tokens, 1), "tokens": int(tokens)}
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A row's prompt as the model sees it at generation: chat template with the generation prompt."""
+    if is_conversational(prompt):
+        return encode_pair(tokenizer, prompt, [{"role": "assistant", "content": ""}])[0]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy generation from left-padded prompt batches; the new tokens decoded without specials."""
+    model.eval()
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, width - len(x):] = torch.tensor(x)
+            attention[row, width - len(x):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+    return texts
+
+
+def gold_score(model, tokenizer, rows: list[dict], judge, max_new_tokens: int, batch_size: int, device) -> float:
+    """Mean gold-judge score of greedy completions of the rows' prompts (a built-in task's judge)."""
+    completions = greedy_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size,
+                                     device)
+    return sum(judge(c, r["answer"]) for c, r in zip(completions, rows)) / max(len(rows), 1)
