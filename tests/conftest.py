@@ -9,6 +9,8 @@ import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="alignkit-test-cache-")
 os.environ.setdefault("ALIGNKIT_CACHE", _CACHE)
+# tiny models: one thread each (here and in CLI subprocesses) is faster than threads fighting for shared cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
