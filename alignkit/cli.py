@@ -133,7 +133,7 @@ def _train(args: list[str]) -> int:
 def _resume_hint(exc: Interrupted, job: list[str]) -> str:
     """One line: where the checkpoint is and the exact command that continues the run."""
     if exc.run_dir is None:
-        return f"alignkit: interrupted at step {exc.step}; the new run was discarded"
+        return f"alignkit: interrupted at step {exc.step}; the new run was discarded, the earlier one kept"
     keep = [a for a in job if not a.lstrip("+~").startswith(("run.dir=", "run.resume=", "run.overwrite="))]
     command = shlex.join(["alignkit", "train", *keep, f"run.dir={exc.run_dir}", "run.resume=true"])
     return f"alignkit: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; to continue: {command}"

@@ -21,8 +21,8 @@ class Interrupted(KeyboardInterrupt):
 
 # what the user can do about an OSError while writing outputs, by errno
 _IO_ADVICE = {
-    errno.ENOSPC: "free some disk space, then resume with run.resume=true",
-    errno.EDQUOT: "free some of your disk quota, then resume with run.resume=true",
+    errno.ENOSPC: "free some disk space and run again; run.resume=true continues from the last checkpoint",
+    errno.EDQUOT: "free some of your disk quota and run again; run.resume=true continues from the last checkpoint",
     errno.EACCES: "make it writable or pick another run.dir",
     errno.EPERM: "make it writable or pick another run.dir",
     errno.EROFS: "the file system is read-only: pick another run.dir",

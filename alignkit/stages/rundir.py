@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.load import Row, load_rows
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -88,9 +88,12 @@ def replacing(run_dir: Path, overwrite: bool):
     except BaseException as exc:
         shutil.rmtree(run_dir, ignore_errors=True)
         os.replace(aside, run_dir)
-        print(f"alignkit: the new run failed; the earlier run in {run_dir} is kept", file=sys.stderr)
-        if hasattr(exc, "run_dir"):  # an Interrupted: its checkpoint went with the new run
+        kept = f"the new run was discarded and the earlier run in {run_dir} kept"
+        if isinstance(exc, UsageError):
+            raise UsageError(f"{exc}; {kept}") from exc
+        if isinstance(exc, Interrupted):  # its checkpoint went with the new run: nothing to resume
             exc.run_dir = None
+        print(f"alignkit: {kept}", file=sys.stderr)
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
