@@ -37,6 +37,9 @@ examples:
   alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
   alignkit list
 
+exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C (a checkpoint is saved and the
+command that resumes it, ending in run.resume=true, is printed).
+
 environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
 ALIGNKIT_DEBUG=1 (show tracebacks instead of one-line errors).
 """

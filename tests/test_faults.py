@@ -210,6 +210,28 @@ def test_ppo_skips_nan_rewards_and_stops_after_max_bad_steps(tmp_path):
     assert [m["skipped_steps"] for m in metrics(tmp_path / "run")] == [1]
 
 
+def test_ppo_ctrl_c_saves_a_checkpoint_after_the_step(tmp_path):
+    from alignkit.errors import Interrupted
+
+    run = prepare_run(tiny_cfg(tmp_path, "method=ppo", "reward=gold", "method.max_new_tokens=4",
+                               "train.max_steps=4", "data.eval_fraction=0"))
+    calls = []
+
+    def reward(rows, texts):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
+        return torch.zeros(len(texts))
+
+    run.reward_fn = reward
+    with pytest.raises(Interrupted) as caught:
+        execute(run)
+    assert caught.value.step == 2 and caught.value.checkpoint == tmp_path / "run" / "checkpoints" / "step-2"
+    assert_whole_checkpoints(tmp_path / "run")
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as before again
+
+
 def test_a_killed_download_is_cleaned_up_and_fetched_again(tmp_path, monkeypatch):
     from alignkit.models.load import resolve_model_dir
 
