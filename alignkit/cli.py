@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError, io_error
 
 USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
@@ -36,6 +37,9 @@ examples:
   alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
   alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
   alignkit list
+
+exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C (a checkpoint is saved and the
+command that resumes it, ending in run.resume=true, is printed).
 
 environment: ALIGNKIT_CACHE (model cache, default ~/.cache/alignkit),
 ALIGNKIT_DEBUG=1 (show tracebacks instead of one-line errors).
@@ -114,13 +118,29 @@ def _train(args: list[str]) -> int:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
-    from .stages.runner import run_train
+    from .stages.rundir import preflight
 
     for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
         if multirun:
             print(f"[job {i}] {' '.join(job)}", file=sys.stderr)
-        run_train(cfg)
+        rows = preflight(cfg)  # run dir and data checks fail before the training code is even imported
+        from .stages.runner import run_train
+
+        try:
+            run_train(cfg, rows)
+        except Interrupted as exc:
+            print(_resume_hint(exc, job), file=sys.stderr)
+            return 130
     return 0
+
+
+def _resume_hint(exc: Interrupted, job: list[str]) -> str:
+    """One line: where the checkpoint is and the exact command that continues the run."""
+    if exc.run_dir is None:
+        return f"alignkit: interrupted at step {exc.step}; the new run was discarded, the earlier one kept"
+    keep = [a for a in job if not a.lstrip("+~").startswith(("run.dir=", "run.resume=", "run.overwrite="))]
+    command = shlex.join(["alignkit", "train", *keep, f"run.dir={exc.run_dir}", "run.resume=true"])
+    return f"alignkit: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; to continue: {command}"
 
 
 def _compress(args: list[str]) -> int:
@@ -194,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")
         return verbs[verb]()
+    except KeyboardInterrupt:
+        if os.environ.get("ALIGNKIT_DEBUG") == "1":
+            raise
+        print("\nalignkit: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - every user-facing failure becomes one line
         if os.environ.get("ALIGNKIT_DEBUG") == "1":
             raise
+        if isinstance(exc, OSError) and io_error(exc, exc.filename or "output"):
+            exc = io_error(exc, exc.filename or "output")  # disk full, permission denied: one line
         if not _is_user_error(exc):
             raise
         print(f"alignkit: error: {_one_line(exc) if not isinstance(exc, UsageError) else exc}", file=sys.stderr)

@@ -1,7 +1,10 @@
 """Shared fixtures: a per-session model cache (the tiny model is built once), config helpers."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -9,6 +12,8 @@ import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="alignkit-test-cache-")
 os.environ.setdefault("ALIGNKIT_CACHE", _CACHE)
+# tiny models: one thread each (here and in CLI subprocesses) is faster than threads fighting for shared cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
@@ -46,3 +51,16 @@ def tiny_tokenizer():
     from alignkit.models.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+EXE = Path(sys.executable).parent / "alignkit"
+CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "alignkit"]
+
+
+def alignkit(*args, cwd=None):
+    """The CLI in a subprocess, exactly as a user types it (PYTHONPATH picks the checkout under test)."""
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -2,24 +2,14 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
 
-from conftest import TINY
-
-EXE = Path(sys.executable).parent / "alignkit"
-CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "alignkit"]
-
-
-def alignkit(*args, cwd=None):
-    return subprocess.run([*CMD, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy())
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import TINY, alignkit, compose, metrics
 
 
 def test_train_dpo_lora_writes_the_run_directory(tmp_path):
@@ -38,6 +28,50 @@ def test_train_dpo_lora_writes_the_run_directory(tmp_path):
     assert "eval/loss" in summary
 
 
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> dict:
+    """The bad files and directories the table below names as {key}."""
+    from safetensors.torch import load_file
+
+    from alignkit.models.load import resolve_model_dir
+    from alignkit.models.tiny import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("bad")
+    row = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    rows = {"empty": [], "same": [{**row, "rejected": "4"}] * 3, "long": [{**row, "prompt": "x" * 600}] * 3,
+            "nochosen": [row, {"prompt": "a", "rejected": "b"}]}
+    for name, content in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
+    (root / "malformed.jsonl").write_text(json.dumps(row) + '\n{"prompt": "a"\n')
+    tiny = resolve_model_dir("alignkit:tiny")
+    shutil.copytree(tiny, root / "corrupt")
+    (root / "corrupt" / "model.safetensors").write_bytes(os.urandom(4096))
+    shutil.copytree(tiny, root / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(f"{tiny}/model.safetensors"), root / "pickled" / "pytorch_model.bin")
+    (root / "junk.gguf").write_bytes(os.urandom(4096))
+    # a finished reward-model run (as far as the checks look) on a base whose tokenizer has one more token
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["<|extra|>"])
+    shutil.copytree(tiny, root / "other_base")
+    tokenizer.save_pretrained(root / "other_base")
+    tokenizer.save_pretrained(root / "other_rm" / "final")
+    write_config(root / "other_rm", "method=rm", f"model.path={root / 'other_base'}")
+    # a run started with another learning rate; a finished run; a plain file; a directory that is no run
+    write_config(root / "started", "method=dpo", "model=tiny", "train.lr=0.1")
+    write_config(root / "finished", "method=dpo", "model=tiny")
+    (root / "finished" / "summary.json").write_text("{}")
+    (root / "afile").write_text("not a directory")
+    (root / "notarun").mkdir()
+    (root / "notarun" / "notes.txt").write_text("mine")
+    return {p.name.split(".")[0]: str(p) for p in root.iterdir()}
+
+
+def write_config(run_dir: Path, *overrides: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(compose(*overrides, f"run.dir={run_dir}")))
+
+
+# overrides after `train method=dpo model=tiny run.dir=RUN` ({key}: a path made by the fixture), and the message
 BAD = [
     (["method.betta=1"], "Key 'betta' not in 'DPOMethod'"),
     (["method=foo"], "Could not find 'method/foo'"),
@@ -48,9 +82,29 @@ BAD = [
     (["method.beta=0,1"], "is a sweep: add -m"),
     (["method.beta=["], "bad override 'method.beta=['"),
     (["method.beta=-1"], "method.beta=-1.0 is out of range"),
+    (["train.lr=-1"], "train.lr=-1.0 is out of range"),
+    (["adapter.r=0"], "adapter.r=0 is out of range"),
+    (["train.max_bad_steps=0"], "train.max_bad_steps=0 is out of range"),
+    (["method=ppo", "adapter=full"], "method=ppo does not run with adapter=full"),
+    (["method=ppo"], "method=ppo needs a reward"),
+    (["run.overwrite=true", "run.resume=true"], "set only one of them"),
     (["data.path=/nonexistent/prefs.jsonl"], "no such file"),
+    (["data.path={empty}"], "no rows in"),
+    (["data.path={malformed}"], "line 2: malformed JSON"),
+    (["data.path={nochosen}"], "line 2: row has no 'chosen' field"),
+    (["data.path={same}"], "'chosen' equals 'rejected' in every row"),
+    (["data.path={long}"], "every row was dropped"),
     (["model.path=/nonexistent/model"], "no such file or directory"),
     (["model.path=alignkit:nope"], "unknown built-in model"),
+    (["model.path={corrupt}"], "corrupt or truncated"),
+    (["model.path={pickled}"], "pytorch_model.bin is a pickled weights file"),
+    (["model.path={junk}"], "not a GGUF model"),
+    (["method=ppo", "reward.run={other_rm}"], "whose tokenizer differs from the policy's"),
+    (["run.dir={started}", "run.resume=true"], "the config differs"),
+    (["run.dir={finished}", "run.resume=true"], "already finished"),
+    (["run.dir={finished}"], "already exists and is not empty"),
+    (["run.dir={notarun}", "run.overwrite=true"], "not an alignkit run"),
+    (["run.dir={afile}/run"], "is a file, not a directory"),
     (["--frobnicate"], "unknown option --frobnicate"),
     (["method=simpo", "method.precompute_ref=true"], "drop method.precompute_ref=true"),
     (["method.loss=cdpo"], "method.loss=cdpo needs a label_smoothing > 0"),
@@ -58,21 +112,20 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
-    done = alignkit("train", "method=dpo", "model=tiny", f"run.dir={tmp_path / 'run'}", *overrides)
-    assert done.returncode == 2
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, bad, overrides, message):
+    args = [o.format(**bad) for o in overrides]
+    given = [Path(a.split("=", 1)[1]) for a in args if a.startswith("run.dir=")]
+    before = sorted(os.listdir(given[0])) if given and given[0].is_dir() else None
+    default = [] if given else [f"run.dir={tmp_path / 'run'}"]
+    done = alignkit("train", "method=dpo", "model=tiny", *default, *args)
+    assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "run").exists()
-
-
-def test_malformed_data_row_names_its_line(tmp_path):
-    data = tmp_path / "p.jsonl"
-    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"\n')
-    done = alignkit("train", "method=dpo", "model=tiny", f"data.path={data}", f"run.dir={tmp_path / 'run'}")
-    assert done.returncode == 2 and "line 2: malformed JSON" in done.stderr
+    assert lines[0].startswith("alignkit: error: ") and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, so nothing that looks finished
+    if before is not None:
+        assert sorted(os.listdir(given[0])) == before  # an earlier run is left as it was
 
 
 def test_unknown_verb_and_existing_run_dir(tmp_path):
@@ -99,31 +152,6 @@ def test_multirun_sweep_runs_each_job(tmp_path):
     done = alignkit("train", "-m", "method=dpo", "method.beta=0.1,0.5", *TINY, "train.max_steps=1",
                     f"run.dir={base}")
     assert done.returncode == 0, done.stderr
-    betas = [float(json.loads(json.dumps(__import__("yaml").safe_load((base / str(i) / "config.yaml").read_text())))
-                   ["method"]["beta"]) for i in (0, 1)]
+    betas = [float(yaml.safe_load((base / str(i) / "config.yaml").read_text())["method"]["beta"]) for i in (0, 1)]
     assert betas == [0.1, 0.5]
     assert all((base / str(i) / "summary.json").exists() for i in (0, 1))
-
-
-def test_resume_after_a_crash_reproduces_the_metrics(tmp_path):
-    args = ["method=dpo", *TINY, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1",
-            "data.eval_fraction=0"]
-    full = tmp_path / "full"
-    assert alignkit("train", *args, f"run.dir={full}").returncode == 0
-    assert [p.name for p in (full / "checkpoints").iterdir()] == ["step-2"]
-    # what a crash after step 2 leaves: the checkpoint and the first two metric lines
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "final")
-    (crashed / "summary.json").unlink()
-    (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(full)[:2]))
-    done = alignkit("train", *args, f"run.dir={crashed}", "run.resume=true")
-    assert done.returncode == 0, done.stderr
-    for want, got in zip(metrics(full), metrics(crashed)):
-        assert got["step"] == want["step"]
-        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins", "lr"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
-    changed = alignkit("train", *args, "train.lr=0.5", f"run.dir={tmp_path / 'full2'}")
-    assert changed.returncode == 0
-    other = alignkit("train", *args, "method.beta=0.3", f"run.dir={crashed}", "run.resume=true")
-    assert other.returncode == 2  # finished run: nothing to resume

@@ -70,3 +70,15 @@ def test_typo_and_wrong_type_are_rejected_when_composing():
         compose_config(["method=dpo", "method.betta=1"])
     with pytest.raises(ConfigCompositionException):
         compose_config(["train.batch_size=many"])
+
+
+def test_a_run_saved_before_newer_keys_existed_still_loads(tmp_path):
+    """config.yaml of an older run lacks keys added since (model.allow_pickle, run.overwrite, ...)."""
+    from alignkit.config.compose import load_saved_config
+
+    old = OmegaConf.to_container(compose_config(["method=dpo", "model=tiny"]), enum_to_str=True)
+    del old["model"]["allow_pickle"], old["train"]["max_bad_steps"], old["run"]["overwrite"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    cfg = load_saved_config(tmp_path / "config.yaml")
+    assert cfg.model.allow_pickle is False and cfg.train.max_bad_steps == 5 and cfg.run.overwrite is False
+    assert cfg.method.beta == 0.1

@@ -116,7 +116,8 @@ def _resolve(role: str, path: str) -> None:
 
 def run_compress(cfg: DictConfig) -> dict:
     """`alignkit compress`: base = model.path, fine-tuned = adapter.finetuned; writes run.dir."""
-    from ..stages.runner import check_run_dir, seed_everything
+    from ..stages.rundir import check_run_dir, replacing
+    from ..stages.runner import seed_everything
 
     started = time.perf_counter()
     if cfg.data.path is not None:
@@ -137,9 +138,10 @@ def run_compress(cfg: DictConfig) -> dict:
     delta, report = compress_models(cfg, base, finetuned, tokenizer, data, device)
     del finetuned
     info = _info(cfg, base_dir, cfg.adapter.finetuned, next(base.parameters()).dtype)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed compress leaves no run dir behind
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    report = write_outputs(run_dir, delta, report, tokenizer, info, started)
+    with replacing(run_dir, cfg.run.overwrite):  # run.overwrite=true: the old run goes once this one is written
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed compress leaves no run dir behind
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        report = write_outputs(run_dir, delta, report, tokenizer, info, started)
     print_report(report)
     return report
 

@@ -85,9 +85,13 @@ def load_saved_config(path: Path) -> DictConfig:
     """A run's config.yaml, typed again by the schemas (enums, struct mode) so loaders can use it."""
     raw = OmegaConf.load(path)
     defaults = compose_config([])
-    for key in defaults:  # sections added to alignkit after the run was made
+    for key in defaults:  # sections and keys added to alignkit after the run was made
         if key not in raw:
             raw[key] = defaults[key]
+        elif key not in SCHEMAS:  # a plain section: its keys do not depend on a group choice
+            for sub in defaults[key]:
+                if sub not in raw[key]:
+                    raw[key][sub] = defaults[key][sub]
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     for group, schemas in SCHEMAS.items():
         cfg[group] = OmegaConf.merge(OmegaConf.structured(schemas[raw[group].name]), raw[group])

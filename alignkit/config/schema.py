@@ -172,6 +172,7 @@ class ModelConfig:
     path: str = MISSING
     dtype: Dtype = MISSING
     trust_remote_code: bool = MISSING
+    allow_pickle: bool = MISSING
 
 
 @dataclass
@@ -199,6 +200,7 @@ class TrainConfig:
     seed: int = MISSING
     log_every: int = MISSING
     save_every: int = MISSING
+    max_bad_steps: int = MISSING
     keep_checkpoints: int = MISSING
     optimizer: Optimizer = MISSING
     precision: Precision = MISSING
@@ -222,6 +224,7 @@ class SampleConfig:
 class RunConfig:
     dir: str = MISSING
     resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
+    overwrite: bool = MISSING
 
 
 @dataclass

@@ -77,6 +77,9 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
     _require(s.batch_size >= 1 and s.num_prompts >= 1, "sample.batch_size/num_prompts",
              f"{s.batch_size}/{s.num_prompts}", "must be >= 1")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    if cfg.run.overwrite and cfg.run.resume is not False:
+        raise UsageError("run.overwrite=true replaces a run, run.resume continues it: set only one of them")
 
 
 def _validate_bitdelta(cfg: DictConfig, verb: str) -> None:

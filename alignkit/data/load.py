@@ -65,7 +65,8 @@ def load_rows(data: DictConfig, seed: int) -> list[Row]:
     if data.limit is not None:
         rows = rows[: data.limit]
     if not rows:
-        raise UsageError(f"data: no rows in {data.path or data.task}")
+        raise UsageError(f"data: no rows in {data.path or data.task}: add rows in TRL's format "
+                         f"(a .jsonl file has one JSON object per line)")
     return rows
 
 

@@ -8,6 +8,8 @@ included), no EOS added. The completion is the token suffix after the prompt.
 """
 from __future__ import annotations
 
+import sys
+
 from ..errors import UsageError
 
 Example = dict  # {"input_ids": [...], "completion_mask": [...]}
@@ -109,16 +111,26 @@ def encode_preference(tokenizer, where: str, row: dict, data) -> Example | None:
 
 
 def encode_rows(tokenizer, rows, data, kind: str, completion_only: bool = True) -> list[Example]:
-    """Encode every row; rows whose prompt leaves no room for a completion are dropped."""
-    out = []
+    """Encode every row; rows whose prompt leaves no room for a completion are dropped, and so are
+    preference pairs whose chosen and rejected tokens are the same (they carry no preference)."""
+    out, same = [], []
     for where, row in rows:
         if kind == "preference":
             ex = encode_preference(tokenizer, where, row, data)
         else:
             ex = encode_sft(tokenizer, where, row, data, completion_only)
-        if ex is not None:
+        if ex is not None and kind == "preference" and ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
+            same.append(where)
+        elif ex is not None:
             out.append(ex)
+    if same and not out:
+        raise UsageError(f"data: 'chosen' equals 'rejected' in every row (e.g. {same[0]}), so there is no "
+                         f"preference to learn: check which columns hold the chosen and rejected answers")
+    if same:
+        print(f"alignkit: dropped {len(same)} rows whose 'chosen' equals 'rejected' (first: {same[0]})",
+              file=sys.stderr)
     if not out:
         raise UsageError(f"data: every row was dropped: no prompt leaves room for a completion within "
-                         f"data.max_length={data.max_length}")
+                         f"data.max_length={data.max_length}; raise data.max_length or cap prompts with "
+                         f"data.max_prompt_length")
     return out

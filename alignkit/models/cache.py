@@ -2,7 +2,8 @@
 
 Each entry is a normal safetensors model dir, written to a temp dir and
 renamed into place, so an interrupted fetch or conversion never leaves a
-half entry behind (a leftover temp dir is ignored and replaced).
+half entry behind: the next run removes the temp dir a killed process left
+(named after its pid) and an entry without config.json, and builds it again.
 """
 from __future__ import annotations
 
@@ -32,15 +33,39 @@ def cached(name: str, build: Callable[[Path], None]) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    remove_stale_temps(target.parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=target.parent))
     try:
         build(tmp)
+        if (target / "config.json").exists():  # another process finished it meanwhile
+            return target
         if target.exists():  # an incomplete earlier entry
+            print(f"alignkit: replacing the incomplete cache entry {target}", file=sys.stderr)
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def remove_stale_temps(folder: Path, name: str) -> None:
+    """Temp dirs of `name` whose process is gone (killed mid-download): `.NAME.PID.random`."""
+    for tmp in folder.glob(f".{name}.*"):
+        pid = tmp.name[len(name) + 2:].split(".")[0]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue  # another process is building it right now
+        print(f"alignkit: removing an unfinished download or conversion: {tmp}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def gguf_to_dir(gguf: Path, out: Path) -> None:

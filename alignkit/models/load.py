@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 
 from ..adapters import WEIGHT_ADAPTERS
 from ..errors import UsageError
@@ -70,6 +71,21 @@ def quantization_config(adapter: DictConfig, device: torch.device):
     )
 
 
+PICKLE_HINT = (" (only safetensors weights are loaded; model.allow_pickle=true also loads pickled *.bin "
+               "weights, which can run code when loaded: only for a source you trust)")
+
+
+def check_pickle(source: str, allow_pickle: bool) -> None:
+    """A local model dir whose weights are only pickles (*.bin, *.pt, *.pth) is refused unless allowed."""
+    folder = Path(source)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if pickled:
+        raise UsageError(f"model.path: {pickled[0]} is a pickled weights file, which can run code when loaded: "
+                         f"convert it to safetensors, or set model.allow_pickle=true if you trust its source")
+
+
 def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device, head: str = "lm"):
     """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora.
 
@@ -82,7 +98,10 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # the load report lists the head swap as missing/unexpected keys
     source = resolve_model_dir(model_cfg.path)
+    check_pickle(source, model_cfg.allow_pickle)
     kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
+                  # True: transformers itself refuses pickles (a hub id's files are not listed here)
+                  use_safetensors=None if model_cfg.allow_pickle else True,
                   dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name in WEIGHT_ADAPTERS))
     if adapter.name == "qlora":
         kwargs.update(quantization_config=quantization_config(adapter, device), device_map={"": device.type})
@@ -93,7 +112,11 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise UsageError(f"cannot load model '{model_cfg.path}': {str(exc).splitlines()[0]}") from exc
+        hint = PICKLE_HINT if not model_cfg.allow_pickle and "safetensors" in str(exc) else ""
+        raise UsageError(f"cannot load model '{model_cfg.path}': {str(exc).splitlines()[0]}{hint}") from exc
+    except SafetensorError as exc:
+        raise UsageError(f"model.path: the safetensors weights in {source} are corrupt or truncated "
+                         f"({str(exc).splitlines()[0]}): download or export the model again") from exc
     if adapter.name != "qlora":
         model.to(device)
     if tokenizer.pad_token is None:

@@ -8,6 +8,7 @@ log-probs are computed once before the first step and cached in the run dir
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import partial
 from pathlib import Path
 
@@ -89,9 +90,11 @@ def precompute_reference(model, examples: list, collate, batch_size: int, device
             lp = sequence_logps(model, batch)[0]
             for j, e in enumerate(chunk):
                 e["ref_chosen"], e["ref_rejected"] = float(lp[j]), float(lp[len(chunk) + j])
+    tmp = cache.with_suffix(".tmp")  # renamed into place: a kill never leaves a torn cache
     save_file({"chosen": torch.tensor([e["ref_chosen"] for e in examples]),
                "rejected": torch.tensor([e["ref_rejected"] for e in examples]),
-               "fingerprint": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, cache)
+               "fingerprint": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, tmp)
+    os.replace(tmp, cache)
 
 
 def prepare(cfg, tokenizer, rows):

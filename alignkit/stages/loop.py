@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import get_scheduler
 
-from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import autocast, make_optimizer
+from .faults import catch_sigint, count_step, is_finite, new_counts, stop_if_interrupted
 from .progress import progress_bar
 from .resources import peak_memory_mb
+from .rundir import checkpoints, truncate_jsonl
 
 
 def micro_batches(examples: list, batch_size: int, seed: int, epoch: int) -> list[list]:
@@ -69,6 +72,37 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def accumulate(model, micro: list, collate, loss_fn, precision: str, device) -> dict:
+    """Forward + backward over one optimizer step's micro-batches: loss, stats per unit, _tokens, _samples."""
+    batches = [to_device(collate(m), device) for m in micro]
+    denom = sum(b["count"] for b in batches)
+    sums: dict[str, float] = defaultdict(float)
+    for batch in batches:
+        with autocast(precision, device):
+            loss, stats = loss_fn(model, batch, denom)
+        loss.backward()
+        sums["loss"] += float(loss.detach())
+        for k, v in stats.items():
+            sums[k] += float(v) / denom
+        sums["_tokens"] += int(batch["attention_mask"].sum())
+        sums["_samples"] += batch["samples"]
+    return sums
+
+
+def optimizer_step(optimizer, scheduler, params, max_grad_norm: float, loss: float) -> tuple[float, bool]:
+    """Clip, step (skipped when the loss or gradient is NaN/inf), advance the schedule: (grad_norm, ok)."""
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    ok = is_finite(loss, grad_norm)
+    if ok:
+        optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, ok
+
+
 def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_dir: Path, device) -> dict:
     """Run the optimizer steps; write metrics.jsonl and checkpoints; return the final metrics."""
     t = cfg.train
@@ -77,45 +111,46 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
     per_epoch, total = plan_steps(len(train_examples), t)
     scheduler = get_scheduler(t.schedule.value, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
                               num_training_steps=total)
-    start = 0
+    start, counts = 0, new_counts()
     resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start = state["step"]
+        counts = {k: state.get(k, 0) for k in counts}  # checkpoints older than the counters have none
         print(f"alignkit: resumed from {resume_from} (step {start})")
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    if cfg.run.resume is not False:
+        truncate_jsonl(run_dir / "metrics.jsonl", start)  # lines after the checkpoint are logged again
+
+    def save(done: int, epoch: int) -> Path:
+        path = run_dir / "checkpoints" / f"step-{done}"
+        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, **counts})
+        prune_checkpoints(run_dir, t.keep_checkpoints)
+        return path
+
     window: dict[str, float] = defaultdict(float)
     window_steps, last = 0, {}
     t_window = time.perf_counter()
     totals = {"tokens": 0, "samples": 0, "seconds": 0.0}
-    with progress_bar(total, start) as bar:
+    with catch_sigint() as sigint, progress_bar(total, start) as bar, \
+            (run_dir / "metrics.jsonl").open("a") as metrics_file:
         for step, epoch, micro in step_windows(train_examples, t, per_epoch, start, total):
             model.train()
             t0 = time.perf_counter()
-            batches = [to_device(collate(m), device) for m in micro]
-            denom = sum(b["count"] for b in batches)
-            for batch in batches:
-                with autocast(t.precision.value, device):
-                    loss, stats = loss_fn(model, batch, denom)
-                loss.backward()
-                window["loss"] += float(loss.detach())
-                for k, v in stats.items():
-                    window[k] += float(v) / denom
-                window["_tokens"] += int(batch["attention_mask"].sum())
-                window["_samples"] += batch["samples"]
-            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            window["grad_norm"] += grad_norm
-            window["lr"] += scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_steps += 1
-            totals["seconds"] += time.perf_counter() - t0
+            sums = accumulate(model, micro, collate, loss_fn, t.precision.value, device)
+            sums["lr"] = scheduler.get_last_lr()[0]
+            sums["grad_norm"], ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, sums["loss"])
             done = step + 1
+            count_step(counts, ok, done, t.max_bad_steps, run_dir)
+            if ok:  # a skipped step's NaNs stay out of the logged means
+                for k, v in sums.items():
+                    window[k] += v
+                window_steps += 1
+            totals["seconds"] += time.perf_counter() - t0
             if done % t.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - t_window
                 last = {"step": done, "epoch": round(done / per_epoch, 4)}
-                last.update({k: v / window_steps for k, v in window.items() if not k.startswith("_")})
+                last.update({k: v / max(window_steps, 1) for k, v in window.items() if not k.startswith("_")})
+                last["skipped_steps"] = counts["skipped_steps"]
                 last["tokens_per_s"] = window["_tokens"] / elapsed
                 last["samples_per_s"] = window["_samples"] / elapsed
                 totals["tokens"] += window["_tokens"]
@@ -124,15 +159,15 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
                 metrics_file.flush()
                 window, window_steps, t_window = defaultdict(float), 0, time.perf_counter()
             bar.update(done, last.get("loss"))
+            saved = None
             if t.save_every and done % t.save_every == 0 and done < total:
-                save_checkpoint(run_dir / "checkpoints" / f"step-{done}", model, optimizer, scheduler, done,
-                                {"epoch": epoch})
-                prune_checkpoints(run_dir, t.keep_checkpoints)
-    final = dict(last)
-    evaluated = evaluate(model, eval_examples, collate, loss_fn, cfg, device)
-    if evaluated:
-        metrics_file.write(json.dumps({"step": total, **evaluated}) + "\n")
-    metrics_file.close()
+                saved = save(done, epoch)
+            if done < total:
+                stop_if_interrupted(sigint, run_dir, done, lambda: saved or save(done, epoch))
+        final = dict(last)
+        evaluated = evaluate(model, eval_examples, collate, loss_fn, cfg, device)
+        if evaluated:
+            metrics_file.write(json.dumps({"step": total, **evaluated}) + "\n")
     final.update(evaluated)
     final.update({
         "train_steps": total - start,

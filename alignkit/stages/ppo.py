@@ -26,9 +26,11 @@ from ..objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, masked_mean, po
                               value_loss, whiten)
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import autocast, make_optimizer
-from .loop import micro_batches, resume_point
+from .faults import catch_sigint, count_step, new_counts, stop_if_interrupted
+from .loop import micro_batches, optimizer_step, resume_point
 from .progress import progress_bar
 from .resources import peak_memory_mb
+from .rundir import truncate_jsonl
 
 
 def encode_prompts(tokenizer, rows, data, max_new_tokens: int) -> list[dict]:
@@ -114,8 +116,10 @@ def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl
             "gen_tokens_per_s": float(mask.sum()) / gen_seconds, "eos": has_eos.float()}
 
 
-def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, generator) -> dict:
-    """method.ppo_epochs passes of num_minibatches clipped updates over one rollout batch."""
+def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, generator) -> tuple[dict, bool]:
+    """method.ppo_epochs passes of num_minibatches clipped updates over one rollout batch.
+
+    Returns the mean stats of the updates that ran and whether all ran (NaN/inf ones are skipped)."""
     m, t = cfg.method, cfg.train
     mask = batch["mask"]
     advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
@@ -123,7 +127,7 @@ def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, ge
         advantages = whiten(advantages, mask)
     size = len(mask) // m.num_minibatches
     stats: dict[str, float] = defaultdict(float)
-    updates = 0
+    updates = skipped = 0
     for _ in range(m.ppo_epochs):
         order = torch.randperm(len(mask), generator=generator).to(device)
         for k in range(m.num_minibatches):
@@ -136,17 +140,18 @@ def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, ge
                 vf, vf_clipfrac = value_loss(values, batch["values"][idx], returns[idx], mask[idx], m.vf_clip)
                 loss = pg + m.vf_coef * vf
             loss.backward()
-            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, clip))
-            stats["lr"] += scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            grad_norm, ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, float(loss.detach()))
+            skipped += not ok
+            if not ok:
+                continue
             for key, value in (("loss", loss), ("loss/policy", pg), ("loss/value", vf), ("policy/clipfrac", clipfrac),
                                ("policy/approxkl", approxkl), ("val/clipfrac", vf_clipfrac)):
                 stats[key] += float(value.detach())
+            stats["grad_norm"] += grad_norm
+            stats["lr"] += lr
             updates += 1
-    return {k: v / updates for k, v in stats.items()}
+    return {k: v / max(updates, 1) for k, v in stats.items()}, skipped == 0
 
 
 def rollout_metrics(batch: dict, kl_coef: float) -> dict:
@@ -177,29 +182,41 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
     updates_per_step = m.ppo_epochs * m.num_minibatches
     scheduler = get_scheduler(t.schedule.value, optimizer, num_training_steps=total * updates_per_step,
                               num_warmup_steps=int(t.warmup_ratio * total * updates_per_step))
-    start, kl_coef = 0, m.kl_coef
+    start, kl_coef, counts = 0, m.kl_coef, new_counts()
     resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         start, kl_coef = state["step"], state["kl_coef"]
+        counts = {k: state.get(k, 0) for k in counts}
+    if cfg.run.resume is not False:
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(run_dir / log, start)
+
+    def save(done: int, epoch: int) -> Path:
+        path = run_dir / "checkpoints" / f"step-{done}"
+        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, "kl_coef": kl_coef, **counts})
+        prune_checkpoints(run_dir, t.keep_checkpoints)
+        return path
+
     generator = torch.Generator().manual_seed(t.seed)
-    metrics_file, samples_file = (run_dir / "metrics.jsonl").open("a"), (run_dir / "samples.jsonl").open("a")
     last: dict = {}
     model.train()  # dropout is off; bitsandbytes' CPU eval-mode kernel would differ from the update's
-    with progress_bar(total, start) as bar:
+    with catch_sigint() as sigint, progress_bar(total, start) as bar, (run_dir / "metrics.jsonl").open("a") as \
+            metrics_file, (run_dir / "samples.jsonl").open("a") as samples_file:
         for step in range(start, total):
             t0 = time.perf_counter()
             epoch = step // per_epoch
             batch_examples = micro_batches(examples, t.batch_size, t.seed, epoch)[step % per_epoch]
             generator.manual_seed(t.seed * 100003 + step)  # minibatch order = f(seed, step): exact resume
             batch = rollout(model, tokenizer, batch_examples, reward_fn, m, t.precision.value, device, kl_coef)
-            stats = ppo_update(model, batch, optimizer, scheduler, params, cfg, device, generator)
+            stats, ok = ppo_update(model, batch, optimizer, scheduler, params, cfg, device, generator)
+            count_step(counts, ok, step + 1, t.max_bad_steps, run_dir)
             last = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **rollout_metrics(batch, kl_coef),
-                    **stats}
+                    **stats, "skipped_steps": counts["skipped_steps"]}
             elapsed = time.perf_counter() - t0
             last["tokens_per_s"] = float(batch["attn"].sum()) * updates_per_step / elapsed
             last["samples_per_s"] = len(batch_examples) / elapsed
-            if m.adaptive_kl:
+            if m.adaptive_kl and ok:  # a skipped step's NaN KL must not poison the coefficient
                 kl_coef = adaptive_kl_coef(kl_coef, last["objective/kl"], m.target_kl, m.kl_horizon,
                                            len(batch_examples))
             metrics_file.write(json.dumps(last) + "\n")
@@ -210,13 +227,11 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
                                                    "completion": text, "score": score}, ensure_ascii=False) + "\n")
                 samples_file.flush()
             bar.update(step + 1, last["objective/scores"])
-            done = step + 1
+            done, saved = step + 1, None
             if t.save_every and done % t.save_every == 0 and done < total:
-                save_checkpoint(run_dir / "checkpoints" / f"step-{done}", model, optimizer, scheduler, done,
-                                {"epoch": epoch, "kl_coef": kl_coef})
-                prune_checkpoints(run_dir, t.keep_checkpoints)
-    metrics_file.close()
-    samples_file.close()
+                saved = save(done, epoch)
+            if done < total:
+                stop_if_interrupted(sigint, run_dir, done, lambda: saved or save(done, epoch))
     return {**last, "train_steps": total - start, **peak_memory_mb(device)}
 
 

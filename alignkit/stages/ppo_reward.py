@@ -66,15 +66,33 @@ def shared_base_reward(model, tokenizer, rm_dir: Path, max_length: int, batch_si
     return reward
 
 
-def make_reward(cfg, model, tokenizer, model_dir: str):
-    if cfg.reward.kind == "gold":
-        return gold_reward(cfg.data.task)
+def reward_run(cfg, tokenizer):
+    """(RM run dir, its config) for reward.run: a finished method=rm run whose tokenizer is the policy's.
+
+    An RM on another base with the same vocabulary is loaded as a second model. One with another
+    tokenizer is refused: it learned another model family's text format (special tokens, chat
+    template), so it is almost always a wrong reward.run rather than a reward for this policy.
+    """
+    from transformers import AutoTokenizer
+
     rm_dir = Path(cfg.reward.run)
     if not (rm_dir / "config.yaml").exists() or not (rm_dir / "final").is_dir():
         raise UsageError(f"reward.run: {rm_dir} is not a finished alignkit run (no final/ or config.yaml)")
     rm_cfg = load_saved_config(rm_dir / "config.yaml")
     if rm_cfg.method.name != "rm":
         raise UsageError(f"reward.run: {rm_dir} is a {rm_cfg.method.name} run, not a reward model (method=rm)")
+    rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir / "final", trust_remote_code=rm_cfg.model.trust_remote_code)
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError(f"reward.run: {rm_dir} was trained on {rm_cfg.model.path}, whose tokenizer differs from "
+                         f"the policy's ({cfg.model.path}): pass a reward model trained on the policy's base "
+                         f"(method=rm model.path={cfg.model.path})")
+    return rm_dir, rm_cfg
+
+
+def make_reward(cfg, model, tokenizer, model_dir: str):
+    if cfg.reward.kind == "gold":
+        return gold_reward(cfg.data.task)
+    rm_dir, rm_cfg = reward_run(cfg, tokenizer)
     same_base = resolve_model_dir(rm_cfg.model.path) == model_dir and rm_cfg.adapter.name in ("lora", "qlora")
     if same_base and hasattr(model, "load_adapter"):
         return shared_base_reward(model, tokenizer, rm_dir, rm_cfg.data.max_length, cfg.sample.batch_size)

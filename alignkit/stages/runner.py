@@ -12,42 +12,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import WEIGHT_ADAPTERS, attach_adapter
-from ..data.load import load_rows, split_eval
-from ..errors import UsageError
+from ..data.load import split_eval
+from ..errors import io_error
 from ..models.load import load_base_model, pick_device, policy_init_dir
 from ..config.rules import HEAD
 from . import dpo, ppo, rm, sft
-from .ppo_reward import make_reward
-from .checkpoint import atomic_json, checkpoints, save_final
+from .ppo_reward import make_reward, reward_run
+from .rundir import preflight, replacing
+from .checkpoint import atomic_json, atomic_text, save_final
 from .common import disable_dropout
 from .loop import train_loop
 from .progress import print_table
 
 STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare, "ppo": ppo.prepare}
-
-
-def check_run_dir(cfg: DictConfig) -> Path:
-    """Refuse to write over an earlier run unless resuming it with the same config."""
-    run_dir = Path(cfg.run.dir)
-    if cfg.run.resume is False:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f"run.dir {run_dir} already exists and is not empty: pick another run.dir, "
-                             f"or resume it with run.resume=true")
-        return run_dir
-    if (run_dir / "summary.json").exists():
-        raise UsageError(f"run {run_dir} already finished (summary.json exists); nothing to resume")
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        # compare as YAML text round-trips (enums become plain strings); the run settings may differ
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
-        old["run"] = new["run"] = None
-        if old != new:
-            raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
-                             f"({saved}); resume with the same overrides")
-    if cfg.run.resume is True and not checkpoints(run_dir):
-        print(f"alignkit: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-    return run_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -76,13 +53,13 @@ class Run:
     reward_fn: Callable | None = None  # ppo: (rows, texts) -> scores; default from cfg.reward
 
 
-def prepare_run(cfg: DictConfig) -> Run:
-    """Check the run dir and data, load the base, attach the adapter; write nothing yet."""
-    if cfg.data.path is not None:
-        cfg.data.task = None  # data.path wins over the default built-in task
-    run_dir = check_run_dir(cfg)
+def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
+    """Check the run dir and data, load the base, attach the adapter; write nothing yet.
+
+    rows: what preflight(cfg) returned, when the caller ran it already (the CLI does, before the heavy imports)."""
+    rows = preflight(cfg) if rows is None else rows  # bad data fails before the model loads
+    run_dir = Path(cfg.run.dir)
     seed_everything(cfg.train.seed)
-    rows = load_rows(cfg.data, cfg.train.seed)  # bad data fails before the model loads
     device = pick_device()
     head = HEAD.get(cfg.method.name, "lm")
     model_cfg = cfg.model
@@ -90,6 +67,8 @@ def prepare_run(cfg: DictConfig) -> Run:
         # the SFT policy becomes the base: the reference (adapters off) is then the SFT model
         model_cfg = OmegaConf.merge(cfg.model, {"path": policy_init_dir(cfg.policy.init)})
     model, tokenizer, model_dir = load_base_model(model_cfg, cfg.adapter, device, head)
+    if cfg.method.name == "ppo" and cfg.reward.kind == "model":
+        reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
     train_examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     if cfg.train.disable_dropout:
@@ -100,11 +79,20 @@ def prepare_run(cfg: DictConfig) -> Run:
 
 
 def execute(run: Run, started: float | None = None) -> dict:
-    """Train, save final/, write summary.json last. started: perf_counter() at launch, for wall time."""
-    started = time.perf_counter() if started is None else started
+    """Train, save final/, write summary.json last. started: perf_counter() at launch, for wall time.
+
+    With run.overwrite=true an earlier run in run.dir is kept aside until summary.json is written."""
+    with replacing(run.run_dir, run.cfg.run.overwrite):
+        return _execute(run, time.perf_counter() if started is None else started)
+
+
+def _execute(run: Run, started: float) -> dict:
     cfg, run_dir, model = run.cfg, run.run_dir, run.model
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(exc, run_dir) or exc
+    atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     if cfg.method.name == "dpo" and dpo.needs_precomputed_reference(cfg):
         # one pass before training; no reference forward (or second model copy) while training
         dpo.precompute_reference(model, run.train_examples + run.eval_examples, run.collate,
@@ -148,8 +136,8 @@ def save_bitdelta(run: Run) -> dict:
 FINISH = {"bitdelta": save_bitdelta}
 
 
-def run_train(cfg: DictConfig) -> dict:
+def run_train(cfg: DictConfig, rows: list | None = None) -> dict:
     started = time.perf_counter()
-    summary = execute(prepare_run(cfg), started)
+    summary = execute(prepare_run(cfg, rows), started)
     print_table(f"run: {summary['run_dir']}", {k: v for k, v in summary.items() if k != "run_dir"})
     return summary
