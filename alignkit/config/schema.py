@@ -192,6 +192,7 @@ class SampleConfig:
 class RunConfig:
     dir: str = MISSING
     resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
+    tensorboard: bool = MISSING
 
 
 @dataclass

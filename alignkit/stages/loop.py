@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import autocast, make_optimizer
+from .metrics_log import open_log
 from .progress import progress_bar
 from .resources import peak_memory_mb
 
@@ -82,7 +83,7 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
     if resume_from is not None:
         start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
         print(f"alignkit: resumed from {resume_from} (step {start})")
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    metrics_file = open_log(run_dir / "metrics.jsonl", start)
     window: dict[str, float] = defaultdict(float)
     window_steps, last = 0, {}
     t_window = time.perf_counter()

@@ -12,14 +12,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import attach_adapter
+from ..config.compose import config_changes
 from ..data.load import load_rows, split_eval
 from ..errors import UsageError
-from ..models.load import load_base_model, pick_device, policy_init_dir
+from ..models.load import base_model_cfg, load_base_model, pick_device
 from ..config.rules import HEAD
 from . import dpo, ppo, rm, sft
 from .ppo_reward import make_reward
 from .checkpoint import atomic_json, checkpoints, save_final
 from .common import disable_dropout
+from .events import require_tensorboard, write_events
 from .loop import train_loop
 from .progress import print_table
 
@@ -37,14 +39,10 @@ def check_run_dir(cfg: DictConfig) -> Path:
     if (run_dir / "summary.json").exists():
         raise UsageError(f"run {run_dir} already finished (summary.json exists); nothing to resume")
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        # compare as YAML text round-trips (enums become plain strings); the run settings may differ
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
-        old["run"] = new["run"] = None
-        if old != new:
-            raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
-                             f"({saved}); resume with the same overrides")
+    changes = config_changes(saved, cfg) if saved.exists() else []
+    if changes:  # the run settings may differ
+        raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
+                         f"({'; '.join(changes[:3])}); resume with the same overrides")
     if cfg.run.resume is True and not checkpoints(run_dir):
         print(f"alignkit: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
     return run_dir
@@ -81,15 +79,14 @@ def prepare_run(cfg: DictConfig) -> Run:
     if cfg.data.path is not None:
         cfg.data.task = None  # data.path wins over the default built-in task
     run_dir = check_run_dir(cfg)
+    if cfg.run.tensorboard:
+        require_tensorboard()
     seed_everything(cfg.train.seed)
     rows = load_rows(cfg.data, cfg.train.seed)  # bad data fails before the model loads
     device = pick_device()
     head = HEAD.get(cfg.method.name, "lm")
-    model_cfg = cfg.model
-    if cfg.method.name == "ppo" and cfg.policy.init is not None:
-        # the SFT policy becomes the base: the reference (adapters off) is then the SFT model
-        model_cfg = OmegaConf.merge(cfg.model, {"path": policy_init_dir(cfg.policy.init)})
-    model, tokenizer, model_dir = load_base_model(model_cfg, cfg.adapter, device, head)
+    # with policy.init the SFT policy becomes the base: the reference (adapters off) is then the SFT model
+    model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head)
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
     train_examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     if cfg.train.disable_dropout:
@@ -127,6 +124,8 @@ def execute(run: Run, started: float | None = None) -> dict:
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
+    if cfg.run.tensorboard:
+        write_events(run_dir)
     atomic_json(run_dir / "summary.json", summary)
     return summary
 
