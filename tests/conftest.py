@@ -9,6 +9,9 @@ import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="alignkit-test-cache-")
 os.environ.setdefault("ALIGNKIT_CACHE", _CACHE)
+# one intra-op thread, here and in CLI subprocesses: the tiny model's ops are too small to split, and on
+# busy shared cores two threads waiting on each other made each forward ~100x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):

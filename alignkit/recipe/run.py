@@ -44,6 +44,15 @@ def stage_state(stage: Stage, root: Path, stages: list[Stage]) -> str:
     return "done" if done else "resume"
 
 
+def evaluate(run_dir: Path) -> dict:
+    """The stage's eval.json when it was written after its summary.json (a finished stage whose config
+    has not changed), else a fresh `alignkit eval run=RUN_DIR`."""
+    saved = run_dir / "eval.json"
+    if saved.exists() and saved.stat().st_mtime_ns >= (run_dir / "summary.json").stat().st_mtime_ns:
+        return {k: v for k, v in json.loads(saved.read_text()).items() if k != "samples"}
+    return run_eval([f"run={run_dir}"])
+
+
 def print_plan(name: str, stages: list[Stage]) -> None:
     for stage in stages:
         print(f"# recipe {name}, stage {stage.name}: alignkit train {' '.join(stage.overrides)}")
@@ -70,7 +79,7 @@ def run_recipe(name: str, args: list[str], show_cfg: bool = False) -> dict:
             continue
         stage.cfg.run.resume = state == "resume"
         summaries[stage.name] = run_train(stage.cfg)
-    evals = {s.name: run_eval([f"run={s.cfg.run.dir}"]) for s in stages if HEAD.get(s.cfg.method.name, "lm") == "lm"}
+    evals = {s.name: evaluate(Path(s.cfg.run.dir)) for s in stages if HEAD.get(s.cfg.method.name, "lm") == "lm"}
     report = write_report(name, args, root, stages, states, summaries, evals, time.perf_counter() - started)
     print(f"alignkit: recipe {name} done: {report}", file=sys.stderr)
     return summaries
