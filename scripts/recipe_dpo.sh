@@ -10,6 +10,6 @@ shift || true
 SHARED=(data=sentiment train.save_every=10)
 
 alignkit train "${SHARED[@]}" method=sft train.max_steps=30 "$@" run.dir="$DIR/sft"
-alignkit train "${SHARED[@]}" method=dpo train.max_steps=30 policy.init="$DIR/sft" "$@" run.dir="$DIR/dpo"
+alignkit train "${SHARED[@]}" method=dpo train.max_steps=30 train.lr=2.0e-4 policy.init="$DIR/sft" "$@" run.dir="$DIR/dpo"
 alignkit eval run="$DIR/sft"   # gold score of SFT vs the base, KL to the base
 alignkit eval run="$DIR/dpo"   # gold score of DPO vs SFT (its reference), KL to SFT

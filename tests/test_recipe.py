@@ -53,6 +53,7 @@ def test_overrides_address_a_stage_or_every_stage(tmp_path):
             plan_recipe("rlhf", [bad])
     with pytest.raises(UsageError, match="unknown recipe 'nope'"):
         plan_recipe("nope", [])
+    assert main(["recipe"]) == 2 and main(["recipe", "dpo", "-m"]) == 2
 
 
 @pytest.mark.parametrize("name", ["dpo", "rlhf"])

@@ -21,6 +21,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, title: str, out: Path) -> Path:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(records: list[dict], keys: list[str], title: str, out: Path) -> Path:
     """One panel per metric over steps; the held-out value (eval/KEY) as a marker at its step."""
     plt = _pyplot()
@@ -36,11 +44,7 @@ def plot_curves(records: list[dict], keys: list[str], title: str, out: Path) -> 
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, title, out)
 
 
 def plot_policies(rows: list[dict], title: str, out: Path) -> Path:
@@ -61,8 +65,4 @@ def plot_policies(rows: list[dict], title: str, out: Path) -> Path:
     right.set_title("KL to its reference (nats / completion)", fontsize=9)
     for ax in (left, right):
         ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, title, out)
