@@ -141,7 +141,7 @@ def test_unknown_verb_and_existing_run_dir(tmp_path):
 def test_list_and_help():
     listed = alignkit("list")
     assert listed.returncode == 0
-    for word in ("method", "adapter", "qlora", "dpo", "tiny", "valid method x adapter"):
+    for word in ("method", "adapter", "qlora", "dpo", "tiny", "valid method x adapter", "rlhf", "sft -> rm -> ppo"):
         assert word in listed.stdout
     helped = alignkit("--help")
     assert helped.returncode == 0 and "alignkit train" in helped.stdout and "-m" in helped.stdout

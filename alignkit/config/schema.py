@@ -225,6 +225,7 @@ class RunConfig:
     dir: str = MISSING
     resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
     overwrite: bool = MISSING
+    tensorboard: bool = MISSING
 
 
 @dataclass

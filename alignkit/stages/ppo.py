@@ -87,19 +87,29 @@ def response_mask(resp: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.
     return (~after_first).long(), is_eos.any(-1)
 
 
-def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl_coef: float) -> dict:
-    """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
-    t0 = time.perf_counter()
-    ids, attn = left_pad([e["prompt_ids"] for e in examples], tokenizer.pad_token_id, device)
-    gen = generation_config(tokenizer, m.max_new_tokens, m.temperature, m.top_k, m.top_p)
+def sample_responses(model, tokenizer, prompts: list[list[int]], gen, device):
+    """Sampled completions of token-id prompts: (ids, attention, response mask, has EOS).
+
+    ids = left-padded prompt + response, pads after the first EOS; the mask covers the last n columns.
+    """
+    ids, attn = left_pad(prompts, tokenizer.pad_token_id, device)
     with torch.no_grad():
         seqs = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
-    gen_seconds = time.perf_counter() - t0
     resp = seqs[:, ids.shape[1]:]
     mask, has_eos = response_mask(resp, tokenizer.eos_token_id)
     resp = resp.masked_fill(mask == 0, tokenizer.pad_token_id)
-    full_ids, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
-    n = resp.shape[1]
+    return torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), mask, has_eos
+
+
+def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl_coef: float) -> dict:
+    """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
+    t0 = time.perf_counter()
+    gen = generation_config(tokenizer, m.max_new_tokens, m.temperature, m.top_k, m.top_p)
+    full_ids, full_attn, mask, has_eos = sample_responses(model, tokenizer, [e["prompt_ids"] for e in examples],
+                                                          gen, device)
+    gen_seconds = time.perf_counter() - t0
+    n = mask.shape[1]
+    resp = full_ids[:, -n:]
     with torch.no_grad(), autocast(precision, device):
         logp, values, entropy = forward_policy(model, full_ids, full_attn, n, m.temperature)
         with model.disable_adapter():

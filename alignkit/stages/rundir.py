@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.compose import config_changes
+
 from ..data.load import Row, load_rows
 from ..errors import Interrupted, UsageError
 
@@ -52,14 +54,10 @@ def check_run_dir(cfg: DictConfig) -> Path:
         raise UsageError(f"run {run_dir} already finished (summary.json exists); nothing to resume "
                          f"(run.overwrite=true without run.resume replaces it)")
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        # compare as YAML text round-trips (enums become plain strings); the run settings may differ
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
-        old["run"] = new["run"] = None
-        if old != new:
-            raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
-                             f"({saved}); resume with the same overrides")
+    changes = config_changes(saved, cfg) if saved.exists() else []  # the run.* settings may differ
+    if changes:
+        raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
+                         f"({'; '.join(changes[:3])}); resume with the same overrides")
     if cfg.run.resume is True and not checkpoints(run_dir):
         print(f"alignkit: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
     return run_dir
