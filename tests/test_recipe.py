@@ -16,7 +16,7 @@ from alignkit.recipe.run import run_recipe
 from alignkit.stages.metrics_log import open_log, read_log
 
 from conftest import TINY
-from test_cli import CMD
+from conftest import CMD
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny stages; eval on 4 held-out prompts, 8 new tokens

@@ -9,7 +9,7 @@ VALID = {
     "dpo": ("prompt", "prefix", "lora", "qlora", "full", "bitdelta"),
     "rm": ("prompt", "prefix", "lora", "qlora", "full"),
     # one base copy: the reference is the base with adapters off, so no full fine-tune
-    "ppo": ("lora", "qlora"),
+    "ppo": ("prompt", "prefix", "lora", "qlora"),
 }
 
 
