@@ -6,11 +6,13 @@ the two models' greedy next tokens (argmax) agree.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
 from ..data.collate import pad_batch
-from ..data.tokenize import encode_pair, is_conversational
+from ..eval.sample import generate
 from ..stages.common import autocast
 
 
@@ -64,35 +66,10 @@ def fidelity(teacher, model, eval_batches: list[dict], device, precision: str) -
     return {"kl": kl_sum / max(tokens, 1), "agreement": agree / max(tokens, 1), "tokens": int(tokens)}
 
 
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """A row's prompt as the model sees it at generation: chat template with the generation prompt."""
-    if is_conversational(prompt):
-        return encode_pair(tokenizer, prompt, [{"role": "assistant", "content": ""}])[0]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-
-
-@torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy generation from left-padded prompt batches; the new tokens decoded without specials."""
-    model.eval()
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, width - len(x):] = torch.tensor(x)
-            attention[row, width - len(x):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
-    return texts
-
-
 def gold_score(model, tokenizer, rows: list[dict], judge, max_new_tokens: int, batch_size: int, device) -> float:
     """Mean gold-judge score of greedy completions of the rows' prompts (a built-in task's judge)."""
-    completions = greedy_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size,
-                                     device)
+    sample = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                             batch_size=batch_size)
+    model.eval()
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], sample, device)
     return sum(judge(c, r["answer"]) for c, r in zip(completions, rows)) / max(len(rows), 1)
