@@ -273,3 +273,37 @@ def test_resume_drops_log_lines_after_the_checkpoint_and_a_torn_last_line(tmp_pa
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
     truncate_jsonl(log, 2)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+def test_loading_trusts_no_remote_code_and_no_pickles_unless_set(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.models.load import load_base_model
+
+    seen = []
+    for cls in (AutoTokenizer, AutoModelForCausalLM):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained",
+                            classmethod(lambda c, *a, _real=real, **k: seen.append(k) or _real(c, *a, **k)))
+    cfg = tiny_cfg(tmp_path)
+    load_base_model(cfg.model, cfg.adapter, torch.device("cpu"))
+    assert [k["trust_remote_code"] for k in seen] == [False, False]
+    assert seen[1]["use_safetensors"] is True
+
+
+def test_a_reward_model_on_another_base_with_the_same_tokenizer_is_accepted(tmp_path, tiny_tokenizer):
+    from omegaconf import OmegaConf
+
+    from alignkit.models.load import resolve_model_dir
+    from alignkit.stages.ppo_reward import reward_run
+
+    other_base = tmp_path / "copy_of_tiny"  # another model dir (so another base), the same vocabulary
+    other_base.mkdir()
+    for f in Path(resolve_model_dir("alignkit:tiny")).iterdir():
+        (other_base / f.name).write_bytes(f.read_bytes())
+    rm_dir = tmp_path / "rm"
+    tiny_tokenizer.save_pretrained(rm_dir / "final")
+    rm_cfg = compose("method=rm", f"model.path={other_base}", f"run.dir={rm_dir}")
+    (rm_dir / "config.yaml").write_text(OmegaConf.to_yaml(rm_cfg))
+    cfg = tiny_cfg(tmp_path, "method=ppo", f"reward.run={rm_dir}")
+    assert reward_run(cfg, tiny_tokenizer)[0] == rm_dir

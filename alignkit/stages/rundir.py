@@ -59,10 +59,17 @@ def check_run_dir(cfg: DictConfig) -> Path:
         old["run"] = new["run"] = None
         if old != new:
             raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
-                             f"({saved}); resume with the same overrides")
+                             f"({', '.join(differences(old, new))}); resume with the same overrides as {saved}")
     if cfg.run.resume is True and not checkpoints(run_dir):
         print(f"alignkit: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
     return run_dir
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each leaf that differs between two plain config dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
+    return [d for k in {**old, **new} for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
 
 
 def preflight(cfg: DictConfig) -> list[Row]:
