@@ -30,12 +30,12 @@ def start(*args) -> subprocess.Popen:
                             env=os.environ.copy())
 
 
-def wait_until(ready, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_until(ready, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, f"exited {proc.returncode} early: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+        time.sleep(poll)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -67,21 +67,24 @@ def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the
     args = [f"method={method}", *RESUMABLE]
     execute(prepare_run(compose(*args, f"run.dir={tmp_path / 'ref'}")))  # uninterrupted, in this process
     run_dir = tmp_path / "run"
-    delays = []
+    kills_at = []  # (the step whose save we wait for, then seconds): printed when an assertion fails
     for attempt in range(kills):
         proc = start(*args, f"run.dir={run_dir}", *(["run.resume=true"] if attempt else []))
-        before = newest_step(run_dir)
-        wait_until(lambda: newest_step(run_dir) > before, proc)  # saving every step from now on
-        delays.append(random.uniform(0, 0.6))
-        time.sleep(delays[-1])
+        target = random.randint(newest_step(run_dir) + 1, newest_step(run_dir) + 8)
+        saving = run_dir / "checkpoints"
+        wait_until(lambda: newest_step(run_dir) >= target or any(saving.glob(f".tmp-step-{target}-*")), proc,
+                   poll=0.001)
+        kills_at.append((target, random.uniform(0, 0.01)))  # a save takes a few ms, a step tens
+        time.sleep(kills_at[-1][1])
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        assert not (run_dir / "summary.json").exists(), f"finished before the kill (delays {delays})"
+        assert not (run_dir / "summary.json").exists(), f"finished before the kill {kills_at}"
         assert_whole_checkpoints(run_dir)
     resumed = alignkit("train", *args, f"run.dir={run_dir}", "run.resume=true")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout, f"no checkpoint survived (delays {delays})"
+    assert "resumed from" in resumed.stdout, kills_at
     assert_whole_checkpoints(run_dir)
+    assert not list((run_dir / "checkpoints").glob(".*"))  # temp dirs of killed saves are cleaned up
     assert_same_metrics(metrics(run_dir), metrics(tmp_path / "ref"))
 
 
