@@ -11,12 +11,15 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo adapter=lora|qlora|full|bitdelta ...
+  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo
+            adapter=lora|qlora|full|prompt|prefix|bitdelta model=... data=...
   eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
             DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
   generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts
   compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
-  list      show config groups, their options and the valid method x adapter pairs
+  recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; rlhf: SFT -> RM -> PPO) into run.dir,
+            one run dir per stage, then report.md + plots/; re-run the same command to resume
+  list      show config groups, their options, the valid method x adapter pairs and the recipes
 
 options:
   -m, --multirun   sweep: every combination of comma-separated values runs as one job
@@ -35,6 +38,8 @@ examples:
   alignkit eval run=runs/dpo-lora-20261125-101500
   alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
   alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
+  alignkit recipe dpo run.dir=runs/tone sft.train.lr=2e-4 dpo.method.beta=0.2 train.seed=1
+  alignkit recipe rlhf model=tiny train.max_steps=3     # shared keys apply to every stage
   alignkit list
 
 exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C (a checkpoint is saved and the
@@ -88,6 +93,16 @@ def _list() -> int:
     for method, allowed in VALID.items():
         grid.add_row(method, *("yes" if a in allowed else "-" for a in adapters))
     console.print(grid)
+    from .recipe.plan import load_recipe, recipe_names
+
+    recipes = Table(title="recipes (alignkit recipe NAME)")
+    recipes.add_column("recipe")
+    recipes.add_column("stages")
+    recipes.add_column("what")
+    for name in recipe_names():
+        spec = load_recipe(name)
+        recipes.add_row(name, " -> ".join(spec.stages), spec.description)
+    console.print(recipes)
     return 0
 
 
@@ -175,6 +190,20 @@ def _compress(args: list[str]) -> int:
     return 0
 
 
+def _recipe(args: list[str]) -> int:
+    from .recipe.plan import recipe_names
+    from .recipe.run import run_recipe
+
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        raise UsageError(f"usage: alignkit recipe NAME [overrides] (recipes: {', '.join(recipe_names())})")
+    rest = [a for a in args[1:] if a != "--cfg"]
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise UsageError(f"alignkit recipe takes no option {flags[0]} (only --cfg; a recipe runs no sweeps)")
+    run_recipe(args[0], rest, show_cfg="--cfg" in args)
+    return 0
+
+
 def _quiet_library_warnings() -> None:
     """Deprecation chatter from torch/transformers internals that a user cannot act on."""
     import warnings
@@ -208,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verbs = {"train": lambda: _train(args), "compress": lambda: _compress(args), "list": _list,
-             "eval": lambda: _evaluate(args), "generate": lambda: _generate(args)}
+             "eval": lambda: _evaluate(args), "generate": lambda: _generate(args), "recipe": lambda: _recipe(args)}
     try:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")

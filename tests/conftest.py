@@ -12,7 +12,8 @@ import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="alignkit-test-cache-")
 os.environ.setdefault("ALIGNKIT_CACHE", _CACHE)
-# tiny models: one thread each (here and in CLI subprocesses) is faster than threads fighting for shared cores
+# one intra-op thread, here and in CLI subprocesses: the tiny model's ops are too small to split, and on
+# busy shared cores two threads waiting on each other made each forward ~100x slower
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

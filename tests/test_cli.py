@@ -75,7 +75,8 @@ def write_config(run_dir: Path, *overrides: str) -> None:
 BAD = [
     (["method.betta=1"], "Key 'betta' not in 'DPOMethod'"),
     (["method=foo"], "Could not find 'method/foo'"),
-    (["adapter=prompt"], "Could not find 'adapter/prompt'"),
+    (["adapter=nope"], "Could not find 'adapter/nope'"),
+    (["adapter=prefix", "train.gradient_checkpointing=true"], "adapter=prefix does not work with train.gradient_"),
     (["train.batch_size=many"], "could not be converted to Integer"),
     (["train.optimizer=sgd"], "Invalid value 'sgd'"),
     (["method.beta=0,1"], "is a sweep: add -m"),
@@ -140,7 +141,7 @@ def test_unknown_verb_and_existing_run_dir(tmp_path):
 def test_list_and_help():
     listed = alignkit("list")
     assert listed.returncode == 0
-    for word in ("method", "adapter", "qlora", "dpo", "tiny", "valid method x adapter"):
+    for word in ("method", "adapter", "qlora", "dpo", "tiny", "valid method x adapter", "rlhf", "sft -> rm -> ppo"):
         assert word in listed.stdout
     helped = alignkit("--help")
     assert helped.returncode == 0 and "alignkit train" in helped.stdout and "-m" in helped.stdout

@@ -10,7 +10,7 @@ from alignkit.stages.common import last_token_scores
 from alignkit.stages.runner import execute, prepare_run
 
 from conftest import tiny_cfg
-from test_cli import alignkit
+from conftest import alignkit
 from test_preference import marker_prefs
 
 

@@ -129,3 +129,35 @@ def test_reward_model_on_the_same_base_is_a_second_adapter(tmp_path):
     execute(run)
     final = tmp_path / "ppo" / "run" / "final"
     assert (final / "adapter_model.safetensors").exists() and not (final / "reward").exists()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
+def test_rollout_logps_match_what_generate_sampled_from(tmp_path, adapter):
+    """The training forward numbers positions as generate did (left padding, virtual tokens)."""
+    from alignkit.adapters.prompt import virtual_token_inputs
+    from alignkit.eval.sample import left_pad
+    from alignkit.stages.ppo import add_value_head, forward_policy
+
+    run = prepare_run(tiny_cfg(tmp_path, "method=ppo", "reward=gold", f"adapter={adapter}"))
+    model = run.model
+    add_value_head(model, run.device)
+    with torch.no_grad():  # move the adapter off its identity start so it matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    prompts = [e["prompt_ids"] for e in run.train_examples[:3]]
+    prompts[1] = prompts[1][:-7]  # different lengths: real left padding
+    ids, attn = left_pad(prompts, run.tokenizer.pad_token_id, run.device)
+    module, inputs, _ = virtual_token_inputs(model, ids, attn)
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                           pad_token_id=run.tokenizer.pad_token_id, eos_token_id=None, use_cache=True)
+    with torch.no_grad():
+        out = module.generate(**inputs, generation_config=gen)
+        seqs = out.sequences if "input_ids" in inputs else torch.cat([ids, out.sequences], 1)
+        resp = seqs[:, -5:]
+        expected = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, resp[:, i:i + 1]).squeeze(-1)
+                                for i, s in enumerate(out.scores)], 1)
+        got, _, _ = forward_policy(model, seqs, torch.cat([attn, torch.ones_like(resp)], 1), 5, temperature=1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -4,8 +4,11 @@ from __future__ import annotations
 from .bitdelta import attach_bitdelta
 from .full import attach_full
 from .lora import attach_lora, attach_qlora
+from .prompt import attach_prefix, attach_prompt
 
 ATTACH = {
+    "prompt": attach_prompt,
+    "prefix": attach_prefix,
     "lora": attach_lora,
     "qlora": attach_qlora,
     "full": attach_full,

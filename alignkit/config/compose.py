@@ -16,17 +16,21 @@ from .schema import SCHEMAS, Config, register
 _STARTED = datetime.now()
 
 
+def shipped_dir(name: str, marker: str) -> Path:
+    """A YAML folder shipped inside the wheel as alignkit.<name>; in a checkout, the top-level <name>/.
+
+    The checkout's folder wins when it exists (it holds `marker`), so a source tree on PYTHONPATH
+    uses its own YAMLs even when another checkout is installed in editable mode.
+    """
+    checkout = Path(__file__).resolve().parents[2] / name
+    if (checkout / marker).exists():
+        return checkout
+    return Path(str(files(f"alignkit.{name}")))
+
+
 def config_dir() -> Path:
-    """configs/: in a source checkout the top-level configs/ next to the package (so a checkout on
-    PYTHONPATH uses its own YAML even when another copy is installed editable), else the wheel's
-    alignkit.configs package data."""
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "config.yaml").is_file():
-        return checkout / "configs"
-    try:
-        return Path(str(files("alignkit.configs")))
-    except ModuleNotFoundError:  # a partial copy of the source tree
-        return checkout / "configs"
+    """configs/: the checkout's top-level configs/, else the package data alignkit.configs."""
+    return shipped_dir("configs", "config.yaml")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -79,6 +83,27 @@ def group_options() -> dict[str, list[str]]:
         for d in sorted(root.iterdir())
         if d.is_dir() and any(d.glob("*.yaml"))
     }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: Path, cfg: DictConfig) -> list[str]:
+    """`key: old -> new` for each value where cfg differs from a run's saved config.yaml (run.* aside).
+
+    Compared as YAML text round-trips, so enums and plain strings compare equal.
+    """
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved)))
+    new = _flatten(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg))))
+    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith("run.") and old.get(k) != new.get(k))
+    return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys]
 
 
 def load_saved_config(path: Path) -> DictConfig:

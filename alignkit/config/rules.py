@@ -5,11 +5,11 @@ from ..errors import UsageError
 
 # method -> adapters it runs with
 VALID = {
-    "sft": ("lora", "qlora", "full", "bitdelta"),
-    "dpo": ("lora", "qlora", "full", "bitdelta"),
-    "rm": ("lora", "qlora", "full"),
+    "sft": ("prompt", "prefix", "lora", "qlora", "full", "bitdelta"),
+    "dpo": ("prompt", "prefix", "lora", "qlora", "full", "bitdelta"),
+    "rm": ("prompt", "prefix", "lora", "qlora", "full"),
     # one base copy: the reference is the base with adapters off, so no full fine-tune
-    "ppo": ("lora", "qlora"),
+    "ppo": ("prompt", "prefix", "lora", "qlora"),
 }
 
 

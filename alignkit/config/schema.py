@@ -151,6 +151,21 @@ class BitDeltaAdapter:
     finetuned: Optional[str] = MISSING  # alignkit compress only: the fine-tuned model
 
 
+@dataclass
+class PromptAdapter:
+    name: str = MISSING
+    num_virtual_tokens: int = MISSING
+    init_text: Optional[str] = MISSING  # text whose token embeddings start the soft prompt; null = random
+
+
+@dataclass
+class PrefixAdapter:
+    name: str = MISSING
+    num_virtual_tokens: int = MISSING
+    prefix_projection: bool = MISSING  # train the prefix through an MLP (reparameterisation)
+    projection_hidden_size: int = MISSING
+
+
 # ---- plain groups -------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -210,6 +225,7 @@ class RunConfig:
     dir: str = MISSING
     resume: Any = MISSING  # false | true (latest checkpoint in run.dir) | a checkpoint path
     overwrite: bool = MISSING
+    tensorboard: bool = MISSING
 
 
 @dataclass
@@ -228,7 +244,8 @@ class Config:
 # schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
 SCHEMAS = {
     "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod, "ppo": PPOMethod},
-    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter, "bitdelta": BitDeltaAdapter},
+    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter, "prompt": PromptAdapter,
+                "prefix": PrefixAdapter, "bitdelta": BitDeltaAdapter},
 }
 
 

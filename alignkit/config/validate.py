@@ -44,6 +44,16 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
         _require(0 <= a.dropout < 1, "adapter.dropout", a.dropout, "must be in [0, 1)")
     if a.name == "bitdelta":
         _validate_bitdelta(cfg, verb)
+    if a.name in ("prompt", "prefix"):
+        _require(a.num_virtual_tokens >= 1, "adapter.num_virtual_tokens", a.num_virtual_tokens, "must be >= 1")
+    if a.name == "prompt" and a.init_text is not None:
+        _require(a.init_text.strip() != "", "adapter.init_text", repr(a.init_text), "must be text, or null for random")
+    if a.name == "prefix":
+        _require(a.projection_hidden_size >= 1, "adapter.projection_hidden_size", a.projection_hidden_size,
+                 "must be >= 1")
+        if t.gradient_checkpointing:
+            raise UsageError("adapter=prefix does not work with train.gradient_checkpointing=true (the prefix lives "
+                             "in the attention cache, which checkpointing recomputes without it): set it to false")
     if d.path is None and d.task is None:
         raise UsageError("no data: set data.path (a file or hub dataset id) or data.task (a built-in task)")
     _require(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2")

@@ -1,6 +1,11 @@
 """Built-in tasks: generated deterministically from a seed, each with a gold judge.
 
-`arithmetic`: one-step word problems (add, subtract, multiply small numbers).
+`arithmetic`: one-step word problems (add, subtract, multiply small numbers); the
+preference is about correctness.
+`sentiment`: one-sentence reviews; SFT demonstrations take any tone (positive,
+neutral, negative), the preference is about style: the positive review is chosen over
+a neutral or negative one of the same shape, and the gold judge scores the tone with
+a word lexicon (a different, larger word list than the one the rows are built from).
 Rows are conversational (chat messages), so they go through the chat template.
 """
 from __future__ import annotations
@@ -58,4 +63,71 @@ def judge_arithmetic(completion: str, answer: int) -> float:
     return float(bool(numbers) and int(numbers[-1]) == answer)
 
 
-TASKS = {"arithmetic": (arithmetic_rows, judge_arithmetic)}
+ITEMS = ["coffee shop", "hotel", "train ride", "museum", "pizza place", "concert", "hiking trail", "bakery",
+         "movie", "bookstore", "gym", "beach", "ramen bar", "zoo", "bike tour", "food market"]
+ASPECTS = ["staff", "price", "food", "music", "view", "service", "seating", "location"]
+ASKS = ["Write a one-sentence review of the {item}.", "How was the {item}? Answer in one sentence.",
+        "Describe your visit to the {item} in one sentence."]
+REVIEWS = ["The {item} was {a}, and the {aspect} was {b}.", "I found the {item} {a}; the {aspect} was {b}.",
+           "Overall the {item} was {a} and the {aspect} felt {b}."]
+# the words reviews are built from: eight per tone, so no tone is favoured by having fewer, likelier words
+TONE_WORDS = {
+    "positive": ["great", "wonderful", "lovely", "excellent", "delightful", "friendly", "pleasant", "superb"],
+    "neutral": ["okay", "ordinary", "average", "typical", "plain", "usual", "standard", "normal"],
+    "negative": ["awful", "terrible", "dull", "disappointing", "mediocre", "poor", "boring", "bland"],
+}
+# the judge's lexicon: the row words plus common ones a model may use instead
+POSITIVE = set(TONE_WORDS["positive"]) | {
+    "good", "nice", "amazing", "love", "loved", "enjoyed", "beautiful", "best", "fantastic", "perfect", "happy",
+    "helpful", "recommend", "fun", "awesome", "cozy", "clean", "fresh", "tasty", "delicious", "kind", "warm",
+    "welcoming", "enjoyable", "charming", "impressive", "outstanding", "relaxing", "comfortable", "beautifully"}
+NEGATIVE = set(TONE_WORDS["negative"]) | {
+    "bad", "worst", "hate", "hated", "dirty", "slow", "horrible", "ugly", "noisy", "sad", "overpriced", "broken",
+    "stale", "unpleasant", "rude", "unfriendly", "crowded", "boring", "annoying", "uncomfortable", "worse",
+    "disappointed", "cold", "messy", "tasteless", "lousy", "gross"}
+NEGATORS = {"not", "never", "no", "hardly", "barely"}
+
+
+def _review(rng: random.Random, item: str, tone: str) -> str:
+    template, aspect = rng.choice(REVIEWS), rng.choice(ASPECTS)
+    a, b = rng.sample(TONE_WORDS[tone], 2)
+    return template.format(item=item, aspect=aspect, a=a, b=b)
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """n rows: an SFT review of a random tone; chosen = positive, rejected = neutral or negative."""
+    rng = random.Random(f"sentiment-{seed}")
+    rows = []
+    for _ in range(n):
+        item = rng.choice(ITEMS)
+        prompt = [{"role": "user", "content": rng.choice(ASKS).format(item=item)}]
+        worse = rng.choice(["neutral", "negative"])
+        state = rng.getstate()  # chosen and rejected share the template and aspect: only the tone differs
+        good = _review(rng, item, "positive")
+        rng.setstate(state)
+        bad = _review(rng, item, worse)
+        demo = _review(rng, item, rng.choice(list(TONE_WORDS)))
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": demo}],
+                     "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}], "answer": "positive"})
+    return rows
+
+
+def tone(text: str) -> str:
+    """positive | neutral | negative: lexicon words counted, a negator up to two words before flips one."""
+    words = re.findall(r"[a-z']+", text.lower())
+    score = 0
+    for i, word in enumerate(words):
+        sign = (word in POSITIVE) - (word in NEGATIVE)
+        if sign and any(w in NEGATORS or w.endswith("n't") for w in words[max(0, i - 2):i]):
+            sign = -sign
+        score += sign
+    return "positive" if score > 0 else "negative" if score < 0 else "neutral"
+
+
+def judge_sentiment(completion: str, answer: str) -> float:
+    """Gold judge: 1.0 if the completion's tone is the wanted one (the row's answer), else 0.0."""
+    return float(tone(completion) == answer)
+
+
+TASKS = {"arithmetic": (arithmetic_rows, judge_arithmetic), "sentiment": (sentiment_rows, judge_sentiment)}

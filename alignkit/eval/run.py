@@ -24,7 +24,8 @@ from ..stages import dpo, rm
 from ..stages.checkpoint import atomic_json
 from ..stages.loop import evaluate
 from ..stages.progress import print_table
-from .sample import generate
+from ..stages.ppo import forward_policy, sample_responses
+from .sample import generate, generation_config, prompt_ids
 
 
 def target(args: list[str]):
@@ -90,10 +91,34 @@ def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             ref = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
-        metrics["gold/score_ref"] = sum(judge(o, r["answer"]) for o, r in zip(ref, rows)) / len(rows)
-        for s, o in zip(samples, ref):
-            s["completion_ref"] = o
+        ref_scores = [judge(o, r["answer"]) for o, r in zip(ref, rows)]
+        metrics["gold/score_ref"] = sum(ref_scores) / len(rows)
+        # per prompt: the policy beats its reference (1), ties (0.5) or loses (0) by the gold judge
+        metrics["gold/win_rate"] = sum(float(s > q) + 0.5 * (s == q) for s, q in zip(scores, ref_scores)) / len(rows)
+        for s, o, q in zip(samples, ref, ref_scores):
+            s["completion_ref"], s["gold_ref"] = o, q
     return metrics, samples
+
+
+def kl_metrics(model, tokenizer, cfg, rows) -> dict:
+    """kl_to_ref: KL(policy || reference) in nats per completion, the k1 estimate (sum over tokens of
+    log p - log p_ref) on completions sampled from the policy at temperature 1; reference = adapters off."""
+    prompts = [r["prompt"] for _, r in rows if r.get("prompt") is not None][: cfg.sample.num_prompts]
+    if cfg.method.name == "rm" or not prompts or not hasattr(model, "disable_adapter"):
+        return {}
+    device = next(model.parameters()).device
+    gen = generation_config(tokenizer, cfg.sample.max_new_tokens, 1.0, 0, 1.0)
+    torch.manual_seed(cfg.train.seed)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(prompts), cfg.sample.batch_size):
+            chunk = [prompt_ids(tokenizer, p) for p in prompts[i:i + cfg.sample.batch_size]]
+            ids, attn, mask, _ = sample_responses(model, tokenizer, chunk, gen, device)
+            logp = forward_policy(model, ids, attn, mask.shape[1], 1.0, values=False)[0]
+            with model.disable_adapter():
+                ref = forward_policy(model, ids, attn, mask.shape[1], 1.0, values=False)[0]
+            total += float(((logp - ref) * mask).sum())
+    return {"kl_to_ref": total / len(prompts)}
 
 
 def run_eval(args: list[str]) -> dict:
@@ -103,6 +128,7 @@ def run_eval(args: list[str]) -> dict:
     result.update(preference_metrics(model, tokenizer, cfg, rows, run_dir))
     gold, samples = gold_metrics(model, tokenizer, cfg, rows)
     result.update(gold)
+    result.update(kl_metrics(model, tokenizer, cfg, rows))
     if run_dir is not None:
         atomic_json(run_dir / "eval.json", {**result, "samples": samples[:8]})
     print_table(f"eval: {run_dir or cfg.model.path}", result)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.prompt import virtual_token_inputs
 from ..data.tokenize import encode_prompt
 
 
@@ -41,6 +42,10 @@ def generate(model, tokenizer, prompts: list, sample, device, seed: int = 0) -> 
     with torch.no_grad():
         for i in range(0, len(encoded), sample.batch_size):
             ids, mask = left_pad(encoded[i:i + sample.batch_size], tokenizer.pad_token_id, device)
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-            out += tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True)
+            # a prompt/prefix adapter's virtual tokens go in as embeddings or a prefilled KV cache
+            module, inputs, _ = virtual_token_inputs(model, ids, mask)
+            seqs = module.generate(**inputs, generation_config=gen)
+            # from inputs_embeds, generate returns only the new tokens; from input_ids, prompt + new
+            out += tokenizer.batch_decode(seqs[:, ids.shape[1]:] if "input_ids" in inputs else seqs,
+                                          skip_special_tokens=True)
     return out

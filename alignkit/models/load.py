@@ -174,9 +174,18 @@ def load_run(run_dir, device: torch.device | None = None):
     else:
         from peft import PeftModel
 
-        model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, device, head)
+        model, tokenizer, _ = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head)
         model = PeftModel.from_pretrained(model, str(final))
     return model.eval(), tokenizer, cfg
+
+
+def base_model_cfg(cfg: DictConfig) -> DictConfig:
+    """The base a run trains on: model.*, or with policy.init that run's policy (so also the reference)."""
+    from omegaconf import OmegaConf
+
+    if cfg.policy.init is None:
+        return cfg.model
+    return OmegaConf.merge(cfg.model, {"path": policy_init_dir(cfg.policy.init)})
 
 
 def policy_init_dir(init_run) -> str:
@@ -189,6 +198,7 @@ def policy_init_dir(init_run) -> str:
     from peft import PeftModel
 
     from ..config.compose import load_saved_config
+    from ..config.rules import HEAD
     from .cache import cached
 
     init_run = Path(init_run)
@@ -196,6 +206,8 @@ def policy_init_dir(init_run) -> str:
     if not final.is_dir() or not (init_run / "config.yaml").exists():
         raise UsageError(f"policy.init: {init_run} is not a finished alignkit run (no final/ or config.yaml)")
     cfg = load_saved_config(init_run / "config.yaml")
+    if HEAD.get(cfg.method.name, "lm") != "lm":
+        raise UsageError(f"policy.init: {init_run} is a method={cfg.method.name} run, not a policy")
     if cfg.adapter.name == "full":
         return str(final)
     if cfg.adapter.name not in ("lora", "qlora"):
@@ -205,7 +217,7 @@ def policy_init_dir(init_run) -> str:
     key = hashlib.sha256(f"{final.resolve()}|{stamp}".encode()).hexdigest()[:16]
 
     def build(out: Path) -> None:
-        base, tokenizer, _ = load_base_model(OmegaConf.merge(cfg.model, {"dtype": "float32"}),
+        base, tokenizer, _ = load_base_model(OmegaConf.merge(base_model_cfg(cfg), {"dtype": "float32"}),
                                              OmegaConf.create({"name": "lora"}), torch.device("cpu"))
         merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
         merged.save_pretrained(out)

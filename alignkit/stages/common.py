@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ..adapters.prompt import virtual_token_inputs
 from ..objectives import token_logps
 
 
@@ -13,14 +14,29 @@ def forward_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     """Log-probs of each next token and the completion mask they are counted under.
 
     The LM head runs only from the first position any row needs (logits_to_keep),
-    so long shared prompts cost no vocabulary projection. Returns (B, T') each.
+    so long shared prompts cost no vocabulary projection. logits_to_keep counts from
+    the end, so prompt tuning's soft tokens in front are never among the kept
+    positions: the logit at kept position t predicts input token start + t + 1 with
+    or without an adapter's virtual tokens. Returns (B, T') each.
     """
     ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]
     cols = mask.any(0).nonzero()
     start = int(cols[0]) if len(cols) else 0
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=ids.shape[1] - start)
-    logits = out.logits[:, :-1]
-    return token_logps(logits, ids[:, start + 1:]), mask[:, start:].float()
+    keep = ids.shape[1] - start
+    module, inputs, _ = virtual_token_inputs(model, ids, batch["attention_mask"])
+    logits = input_positions(module(**inputs, logits_to_keep=keep).logits, keep, virtual=0)
+    return token_logps(logits[:, :-1], ids[:, start + 1:]), mask[:, start:].float()
+
+
+def input_positions(x: torch.Tensor, length: int, virtual: int) -> torch.Tensor:
+    """(B, virtual + length, ...) -> (B, length, ...): drop the positions of prompt tuning's soft tokens.
+
+    Any other length is an error, never a silent shift of the alignment.
+    """
+    if x.shape[1] != virtual + length:
+        raise RuntimeError(f"model output covers {x.shape[1]} positions; expected {length} input positions "
+                           f"after {virtual} virtual tokens")
+    return x[:, virtual:]
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +58,9 @@ def last_token_scores(model, batch: dict, head=None) -> torch.Tensor:
     appended EOS would otherwise be skipped. head: a score Linear to use instead of the model's own
     (PPO scores with an RM head on top of the policy's base).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    hidden = out.hidden_states[-1]
+    module, inputs, virtual = virtual_token_inputs(model, batch["input_ids"], batch["attention_mask"])
+    out = module(**inputs, output_hidden_states=True)
+    hidden = input_positions(out.hidden_states[-1], batch["input_ids"].shape[1], virtual)
     last = batch["attention_mask"].sum(-1) - 1
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = head or score_head(model)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import get_scheduler
 
+from ..adapters.prompt import virtual_token_inputs
 from ..data.tokenize import encode_prompt
 from ..errors import UsageError
 from ..eval.sample import generation_config, left_pad
@@ -63,11 +64,14 @@ def add_value_head(model, device) -> torch.nn.Linear:
 def forward_policy(model, ids, attn, n_resp: int, temperature: float, values: bool = True):
     """(log-probs, values, entropy) of the last n_resp tokens, each (B, n_resp).
 
-    Counted from the end, so prompt-tuning's virtual tokens at the front change nothing.
+    Counted from the end, so prompt tuning's soft tokens at the front change nothing; positions
+    follow the (virtual-token-extended) attention mask, as generate numbered them.
     """
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate used them
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=values,
-                logits_to_keep=n_resp + 1)
+    module, inputs, _ = virtual_token_inputs(model, ids, attn)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    width = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1]
+    out = module(**inputs, position_ids=positions[:, -width:], output_hidden_states=values,
+                 logits_to_keep=n_resp + 1)
     logits = out.logits[:, :-1].float() / temperature
     logp = token_logps(logits, ids[:, -n_resp:])
     value = None
@@ -87,19 +91,30 @@ def response_mask(resp: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.
     return (~after_first).long(), is_eos.any(-1)
 
 
+def sample_responses(model, tokenizer, prompts: list[list[int]], gen, device):
+    """Sampled completions of token-id prompts: (ids, attention, response mask, has EOS).
+
+    ids = left-padded prompt + response, pads after the first EOS; the mask covers the last n columns.
+    """
+    ids, attn = left_pad(prompts, tokenizer.pad_token_id, device)
+    with torch.no_grad():
+        module, inputs, _ = virtual_token_inputs(model, ids, attn)  # prompt/prefix adapters' virtual tokens
+        seqs = module.generate(**inputs, generation_config=gen)
+    resp = seqs[:, ids.shape[1]:] if "input_ids" in inputs else seqs  # from embeddings: new tokens only
+    mask, has_eos = response_mask(resp, tokenizer.eos_token_id)
+    resp = resp.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), mask, has_eos
+
+
 def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl_coef: float) -> dict:
     """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
     t0 = time.perf_counter()
-    ids, attn = left_pad([e["prompt_ids"] for e in examples], tokenizer.pad_token_id, device)
     gen = generation_config(tokenizer, m.max_new_tokens, m.temperature, m.top_k, m.top_p)
-    with torch.no_grad():
-        seqs = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+    full_ids, full_attn, mask, has_eos = sample_responses(model, tokenizer, [e["prompt_ids"] for e in examples],
+                                                          gen, device)
     gen_seconds = time.perf_counter() - t0
-    resp = seqs[:, ids.shape[1]:]
-    mask, has_eos = response_mask(resp, tokenizer.eos_token_id)
-    resp = resp.masked_fill(mask == 0, tokenizer.pad_token_id)
-    full_ids, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
-    n = resp.shape[1]
+    n = mask.shape[1]
+    resp = full_ids[:, -n:]
     with torch.no_grad(), autocast(precision, device):
         logp, values, entropy = forward_policy(model, full_ids, full_attn, n, m.temperature)
         with model.disable_adapter():

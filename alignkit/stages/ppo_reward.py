@@ -18,7 +18,7 @@ from ..config.compose import load_saved_config
 from ..data.tasks import TASKS
 from ..errors import UsageError
 from ..eval.reward import load_scorer, score_texts
-from ..models.load import resolve_model_dir
+from ..models.load import base_model_cfg, resolve_model_dir
 
 
 def as_completion(prompt, text: str):
@@ -93,7 +93,7 @@ def make_reward(cfg, model, tokenizer, model_dir: str):
     if cfg.reward.kind == "gold":
         return gold_reward(cfg.data.task)
     rm_dir, rm_cfg = reward_run(cfg, tokenizer)
-    same_base = resolve_model_dir(rm_cfg.model.path) == model_dir and rm_cfg.adapter.name in ("lora", "qlora")
+    same_base = resolve_model_dir(base_model_cfg(rm_cfg).path) == model_dir and rm_cfg.adapter.name in ("lora", "qlora")
     if same_base and hasattr(model, "load_adapter"):
         return shared_base_reward(model, tokenizer, rm_dir, rm_cfg.data.max_length, cfg.sample.batch_size)
     print(f"alignkit: the reward model {rm_dir} was not trained as an adapter on this base "

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.compose import config_changes
+
 from ..data.load import Row, load_rows
 from ..errors import Interrupted, UsageError
 
@@ -52,24 +54,13 @@ def check_run_dir(cfg: DictConfig) -> Path:
         raise UsageError(f"run {run_dir} already finished (summary.json exists); nothing to resume "
                          f"(run.overwrite=true without run.resume replaces it)")
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        # compare as YAML text round-trips (enums become plain strings); the run settings may differ
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
-        old["run"] = new["run"] = None
-        if old != new:
-            raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
-                             f"({', '.join(differences(old, new))}); resume with the same overrides as {saved}")
+    changes = config_changes(saved, cfg) if saved.exists() else []  # the run.* settings may differ
+    if changes:
+        raise UsageError(f"run.resume: the config differs from the one {run_dir} was started with "
+                         f"({'; '.join(changes[:3])}); resume with the same overrides")
     if cfg.run.resume is True and not checkpoints(run_dir):
         print(f"alignkit: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
     return run_dir
-
-
-def differences(old, new, prefix: str = "") -> list[str]:
-    """`key: old -> new` for each leaf that differs between two plain config dicts."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
-    return [d for k in {**old, **new} for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
 
 
 def preflight(cfg: DictConfig) -> list[Row]:

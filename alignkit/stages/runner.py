@@ -14,13 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from ..adapters import WEIGHT_ADAPTERS, attach_adapter
 from ..data.load import split_eval
 from ..errors import io_error
-from ..models.load import load_base_model, pick_device, policy_init_dir
+from ..models.load import base_model_cfg, load_base_model, pick_device
 from ..config.rules import HEAD
 from . import dpo, ppo, rm, sft
 from .ppo_reward import make_reward, reward_run
 from .rundir import preflight, replacing
 from .checkpoint import atomic_json, atomic_text, save_final
 from .common import disable_dropout
+from .events import require_tensorboard, write_events
 from .loop import train_loop
 from .progress import print_table
 
@@ -59,14 +60,13 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     rows: what preflight(cfg) returned, when the caller ran it already (the CLI does, before the heavy imports)."""
     rows = preflight(cfg) if rows is None else rows  # bad data fails before the model loads
     run_dir = Path(cfg.run.dir)
+    if cfg.run.tensorboard:
+        require_tensorboard()
     seed_everything(cfg.train.seed)
     device = pick_device()
     head = HEAD.get(cfg.method.name, "lm")
-    model_cfg = cfg.model
-    if cfg.method.name == "ppo" and cfg.policy.init is not None:
-        # the SFT policy becomes the base: the reference (adapters off) is then the SFT model
-        model_cfg = OmegaConf.merge(cfg.model, {"path": policy_init_dir(cfg.policy.init)})
-    model, tokenizer, model_dir = load_base_model(model_cfg, cfg.adapter, device, head)
+    # with policy.init the SFT policy becomes the base: the reference (adapters off) is then the SFT model
+    model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head)
     if cfg.method.name == "ppo" and cfg.reward.kind == "model":
         reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
@@ -112,6 +112,8 @@ def _execute(run: Run, started: float) -> dict:
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
+    if cfg.run.tensorboard:
+        write_events(run_dir)
     atomic_json(run_dir / "summary.json", summary)
     return summary
 
