@@ -30,12 +30,12 @@ def start(*args) -> subprocess.Popen:
                             env=os.environ.copy())
 
 
-def wait_until(ready, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_until(ready, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, f"exited {proc.returncode} early: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+        time.sleep(poll)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -67,21 +67,24 @@ def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the
     args = [f"method={method}", *RESUMABLE]
     execute(prepare_run(compose(*args, f"run.dir={tmp_path / 'ref'}")))  # uninterrupted, in this process
     run_dir = tmp_path / "run"
-    delays = []
+    kills_at = []  # (the step whose save we wait for, then seconds): printed when an assertion fails
     for attempt in range(kills):
         proc = start(*args, f"run.dir={run_dir}", *(["run.resume=true"] if attempt else []))
-        before = newest_step(run_dir)
-        wait_until(lambda: newest_step(run_dir) > before, proc)  # saving every step from now on
-        delays.append(random.uniform(0, 0.6))
-        time.sleep(delays[-1])
+        target = random.randint(newest_step(run_dir) + 1, newest_step(run_dir) + 8)
+        saving = run_dir / "checkpoints"
+        wait_until(lambda: newest_step(run_dir) >= target or any(saving.glob(f".tmp-step-{target}-*")), proc,
+                   poll=0.001)
+        kills_at.append((target, random.uniform(0, 0.01)))  # a save takes a few ms, a step tens
+        time.sleep(kills_at[-1][1])
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        assert not (run_dir / "summary.json").exists(), f"finished before the kill (delays {delays})"
+        assert not (run_dir / "summary.json").exists(), f"finished before the kill {kills_at}"
         assert_whole_checkpoints(run_dir)
     resumed = alignkit("train", *args, f"run.dir={run_dir}", "run.resume=true")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout, f"no checkpoint survived (delays {delays})"
+    assert "resumed from" in resumed.stdout, kills_at
     assert_whole_checkpoints(run_dir)
+    assert not list((run_dir / "checkpoints").glob(".*"))  # temp dirs of killed saves are cleaned up
     assert_same_metrics(metrics(run_dir), metrics(tmp_path / "ref"))
 
 
@@ -273,3 +276,37 @@ def test_resume_drops_log_lines_after_the_checkpoint_and_a_torn_last_line(tmp_pa
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
     truncate_jsonl(log, 2)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+def test_loading_trusts_no_remote_code_and_no_pickles_unless_set(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.models.load import load_base_model
+
+    seen = []
+    for cls in (AutoTokenizer, AutoModelForCausalLM):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained",
+                            classmethod(lambda c, *a, _real=real, **k: seen.append(k) or _real(c, *a, **k)))
+    cfg = tiny_cfg(tmp_path)
+    load_base_model(cfg.model, cfg.adapter, torch.device("cpu"))
+    assert [k["trust_remote_code"] for k in seen] == [False, False]
+    assert seen[1]["use_safetensors"] is True
+
+
+def test_a_reward_model_on_another_base_with_the_same_tokenizer_is_accepted(tmp_path, tiny_tokenizer):
+    from omegaconf import OmegaConf
+
+    from alignkit.models.load import resolve_model_dir
+    from alignkit.stages.ppo_reward import reward_run
+
+    other_base = tmp_path / "copy_of_tiny"  # another model dir (so another base), the same vocabulary
+    other_base.mkdir()
+    for f in Path(resolve_model_dir("alignkit:tiny")).iterdir():
+        (other_base / f.name).write_bytes(f.read_bytes())
+    rm_dir = tmp_path / "rm"
+    tiny_tokenizer.save_pretrained(rm_dir / "final")
+    rm_cfg = compose("method=rm", f"model.path={other_base}", f"run.dir={rm_dir}")
+    (rm_dir / "config.yaml").write_text(OmegaConf.to_yaml(rm_cfg))
+    cfg = tiny_cfg(tmp_path, "method=ppo", f"reward.run={rm_dir}")
+    assert reward_run(cfg, tiny_tokenizer)[0] == rm_dir

@@ -77,7 +77,9 @@ def gguf_to_dir(gguf: Path, out: Path) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # gguf's reader raises many kinds of errors on bad files
-        raise UsageError(f"{gguf}: not a GGUF model transformers can load ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"model.path: {gguf} is not a GGUF model transformers can load ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0]}); point model.path at a GGUF model, a model dir "
+                         f"or a hub id") from exc
     # the GGUF quantization_config would make from_pretrained look for the .gguf again
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -55,7 +55,8 @@ def resolve_model_dir(path: str) -> str:
             raise UsageError(f"model.path: {local} is a directory without config.json, not a model")
         return str(local)
     if path.startswith((".", "/", "~")) or local.suffix:
-        raise UsageError(f"model.path: no such file or directory: {local}")
+        raise UsageError(f"model.path: no such file or directory: {local} (give a model dir, a .gguf file or a "
+                         f"hub id)")
     return path  # a hub id
 
 
