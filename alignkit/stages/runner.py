@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..adapters import WEIGHT_ADAPTERS, attach_adapter
+from ..adapters import attach_adapter
 from ..data.load import split_eval
 from ..errors import io_error
 from ..models.load import base_model_cfg, load_base_model, pick_device
