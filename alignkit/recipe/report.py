@@ -93,8 +93,8 @@ def write_report(name: str, args: list[str], root: Path, stages, states: dict, s
     if policies:
         n = next(iter(evals.values())).get("rows")
         lines += ["## Policies on held-out prompts", "",
-                  f"Gold score: the task's gold judge on greedy completions of up to "
-                  f"{stages[0].cfg.sample.num_prompts} of the {n} held-out prompts. Win-rate: against the "
+                  f"Gold score: the task's gold judge on greedy completions of "
+                  f"{min(stages[0].cfg.sample.num_prompts, n)} held-out prompts. Win-rate: against the "
                   f"policy's reference on the same prompts (tie = 1/2). KL: KL(policy || reference) in nats per "
                   f"completion, sampled at temperature 1.", "",
                   *_table(["policy", "reference", "gold score", "win-rate vs reference", "KL to reference"],
