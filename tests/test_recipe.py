@@ -131,6 +131,7 @@ def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
     assert "accuracy" in summaries["rm"] and "objective/kl" in summaries["ppo"]
     report = (root / "report.md").read_text()
     assert "Reward model `rm`: held-out accuracy" in report and "| ppo | sft |" in report
+    assert "PPO `ppo`: mean score of the rollouts" in report
     for stage in ("sft", "rm", "ppo"):
         assert (root / "plots" / f"{stage}.png").exists()
         assert list((root / stage / "tensorboard").glob("events.out.tfevents.*"))
