@@ -76,8 +76,6 @@ class Run:
 
 def prepare_run(cfg: DictConfig) -> Run:
     """Check the run dir and data, load the base, attach the adapter; write nothing yet."""
-    if cfg.data.path is not None:
-        cfg.data.task = None  # data.path wins over the default built-in task
     run_dir = check_run_dir(cfg)
     if cfg.run.tensorboard:
         require_tensorboard()
