@@ -42,7 +42,7 @@ def test_overrides_address_a_stage_or_every_stage(tmp_path):
                                         "train.seed=7", f"run.dir={tmp_path}"])
     sft, rm, ppo = (s.cfg for s in stages)
     assert [s.name for s in stages] == ["sft", "rm", "ppo"] and root == tmp_path
-    assert sft.train.lr == 0.003 and rm.train.lr == ppo.train.lr == 1e-4
+    assert (sft.train.lr, rm.train.lr, ppo.train.lr) == (0.003, 1e-4, 2e-4)  # the recipe sets ppo's
     assert ppo.method.kl_coef == 0.2 and {c.train.seed for c in (sft, rm, ppo)} == {7}
     assert {c.model.path for c in (sft, rm, ppo)} == {"alignkit:tiny"}
     assert rm.policy.init == ppo.policy.init == str(tmp_path / "sft") and ppo.reward.run == str(tmp_path / "rm")
@@ -53,6 +53,8 @@ def test_overrides_address_a_stage_or_every_stage(tmp_path):
             plan_recipe("rlhf", [bad])
     with pytest.raises(UsageError, match="unknown recipe 'nope'"):
         plan_recipe("nope", [])
+    # data.path wins over the recipe's built-in task, in the config a finished stage is compared with
+    assert {s.cfg.data.task for s in plan_recipe("dpo", ["data.path=prefs.jsonl"])[1]} == {None}
     assert main(["recipe"]) == 2 and main(["recipe", "dpo", "-m"]) == 2
 
 
@@ -131,6 +133,7 @@ def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
     assert "accuracy" in summaries["rm"] and "objective/kl" in summaries["ppo"]
     report = (root / "report.md").read_text()
     assert "Reward model `rm`: held-out accuracy" in report and "| ppo | sft |" in report
+    assert "PPO `ppo`: mean score of the rollouts" in report
     for stage in ("sft", "rm", "ppo"):
         assert (root / "plots" / f"{stage}.png").exists()
         assert list((root / stage / "tensorboard").glob("events.out.tfevents.*"))

@@ -43,6 +43,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)
+    if cfg.data.path is not None:
+        cfg.data.task = None  # data.path wins over the default built-in task
     return cfg
 
 

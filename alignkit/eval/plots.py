@@ -56,7 +56,7 @@ def plot_policies(rows: list[dict], title: str, out: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     names = [r["policy"] for r in rows]
     left.bar(names, [r["gold"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
-    left.set_ylim(0, 1.05)
+    left.set_ylim(0, 1.15)
     left.set_title("gold score (held-out prompts, greedy)", fontsize=9)
     for i, r in enumerate(rows):
         left.text(i, r["gold"] + 0.02, f"{r['gold']:.2f}", ha="center", fontsize=8)

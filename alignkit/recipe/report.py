@@ -66,7 +66,7 @@ def stage_table(stages, states: dict, summaries: dict) -> list[str]:
     rows = []
     for stage in stages:
         s, keys = summaries[stage.name], KEY_METRICS.get(stage.cfg.method.name, ["loss"])
-        shown = [k for k in keys[1:3] if k in s]
+        shown = [k for k in keys if k != "loss" and k in s][:2]
         rows.append([stage.name, stage.cfg.method.name, states[stage.name], s.get("step"), s.get("loss"),
                      ", ".join(f"{k} {_fmt(s[k])}" for k in shown) or "-", s.get("eval/loss"),
                      round(s.get("wall_seconds", 0.0), 1)])
@@ -85,16 +85,22 @@ def write_report(name: str, args: list[str], root: Path, stages, states: dict, s
              f"adapter `{stages[0].cfg.adapter.name}`, data `{stages[0].cfg.data.task or stages[0].cfg.data.path}`.",
              "", "## Stages", "", *stage_table(stages, states, summaries), ""]
     for stage in stages:
+        s = summaries[stage.name]
         if stage.cfg.method.name == "rm":
-            s = summaries[stage.name]
             lines += [f"Reward model `{stage.name}`: held-out accuracy {_fmt(s.get('eval/accuracy'))}, margin "
                       f"{_fmt(s.get('eval/margin'))} (last training step: accuracy {_fmt(s.get('accuracy'))}).", ""]
+        if stage.cfg.method.name == "ppo":
+            scores = [r["objective/scores"] for r in read_log(Path(stage.cfg.run.dir) / "metrics.jsonl")]
+            k = max(1, min(3, len(scores) // 2))
+            lines += [f"PPO `{stage.name}`: mean score of the rollouts {_fmt(sum(scores[:k]) / k)} over the first {k} "
+                      f"steps, {_fmt(sum(scores[-k:]) / k)} over the last {k}; final KL to the reference "
+                      f"{_fmt(s.get('objective/kl'))} nats per rollout.", ""]
     policies = policy_rows(stages, evals)
     if policies:
         n = next(iter(evals.values())).get("rows")
         lines += ["## Policies on held-out prompts", "",
-                  f"Gold score: the task's gold judge on greedy completions of up to "
-                  f"{stages[0].cfg.sample.num_prompts} of the {n} held-out prompts. Win-rate: against the "
+                  f"Gold score: the task's gold judge on greedy completions of "
+                  f"{min(stages[0].cfg.sample.num_prompts, n)} held-out prompts. Win-rate: against the "
                   f"policy's reference on the same prompts (tie = 1/2). KL: KL(policy || reference) in nats per "
                   f"completion, sampled at temperature 1.", "",
                   *_table(["policy", "reference", "gold score", "win-rate vs reference", "KL to reference"],

@@ -99,7 +99,8 @@ def _execute(run: Run, started: float) -> dict:
                                  cfg.train.eval_batch_size, run.device, cfg.train.precision.value,
                                  run_dir / "ref_logps.safetensors")
     trainable, total = count_params(model)
-    print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path} ({run.device.type}), "
+    start = f" from policy.init={cfg.policy.init}" if cfg.policy.init is not None else ""
+    print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path}{start} ({run.device.type}), "
           f"{trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
           f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
     if cfg.method.name == "ppo":
