@@ -120,8 +120,6 @@ def run_compress(cfg: DictConfig) -> dict:
     from ..stages.runner import seed_everything
 
     started = time.perf_counter()
-    if cfg.data.path is not None:
-        cfg.data.task = None  # data.path wins over the default built-in task
     run_dir = check_run_dir(cfg)
     seed_everything(cfg.train.seed)
     rows = load_rows(cfg.data, cfg.train.seed)

@@ -65,8 +65,6 @@ def check_run_dir(cfg: DictConfig) -> Path:
 
 def preflight(cfg: DictConfig) -> list[Row]:
     """Check the run dir and read the data rows: everything that fails without a model."""
-    if cfg.data.path is not None:
-        cfg.data.task = None  # data.path wins over the default built-in task
     check_run_dir(cfg)
     return load_rows(cfg.data, cfg.train.seed)
 
