@@ -1,4 +1,5 @@
 """Recipes: stage overrides, the shell scripts, both recipes end to end on the tiny model, SIGKILL + resume."""
+import importlib.util
 import json
 import os
 import signal
@@ -126,9 +127,10 @@ def test_dpo_recipe_killed_in_its_second_stage_resumes_to_the_same_result(tmp_pa
 
 
 def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
-    pytest.importorskip("tensorboard")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # an optional extra
     root = tmp_path / "rlhf"
-    summaries = run_recipe("rlhf", [*FAST, "ppo.method.max_new_tokens=8", "run.tensorboard=true", f"run.dir={root}"])
+    summaries = run_recipe("rlhf", [*FAST, "ppo.method.max_new_tokens=8", f"run.tensorboard={tensorboard}",
+                                    f"run.dir={root}"])
     assert list(summaries) == ["sft", "rm", "ppo"] and summaries["ppo"]["train_steps"] == 2
     assert "accuracy" in summaries["rm"] and "objective/kl" in summaries["ppo"]
     report = (root / "report.md").read_text()
@@ -136,7 +138,7 @@ def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
     assert "PPO `ppo`: mean score of the rollouts" in report
     for stage in ("sft", "rm", "ppo"):
         assert (root / "plots" / f"{stage}.png").exists()
-        assert list((root / stage / "tensorboard").glob("events.out.tfevents.*"))
+        assert bool(list((root / stage / "tensorboard").glob("events.out.tfevents.*"))) == tensorboard
     assert "kl_to_ref" in json.loads((root / "ppo" / "eval.json").read_text())
 
 
