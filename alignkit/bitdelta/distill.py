@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from transformers import get_scheduler
 
+from ..stages.loop import micro_batches
 from ..stages.progress import progress_bar
 from .fidelity import batches, logits, masked_kl, masked_logit_mse
 
@@ -26,9 +27,8 @@ LOSSES = {"kl": masked_kl, "mse": masked_logit_mse}
 def calibration_stream(seqs: list[dict], batch_size: int, pad_id: int, seed: int) -> Iterator[dict]:
     """Endless batches over the calibration sequences, reshuffled (seeded) every pass."""
     for epoch in itertools.count():
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(len(seqs), generator=g).tolist()
-        yield from batches([seqs[i] for i in order], batch_size, pad_id)
+        for chunk in micro_batches(seqs, batch_size, seed, epoch):
+            yield from batches(chunk, batch_size, pad_id)
 
 
 def distill_scales(teacher, student, stream: Iterator[dict], steps: int, lr: float, loss: str, device,

@@ -102,3 +102,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, device: to
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

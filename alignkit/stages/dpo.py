@@ -19,7 +19,7 @@ from ..adapters import WEIGHT_ADAPTERS
 from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
 from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
-from .common import autocast, sequence_logps
+from .common import autocast, sequence_logps, to_device
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
@@ -86,7 +86,7 @@ def precompute_reference(model, examples: list, collate, batch_size: int, device
     with torch.no_grad(), autocast(precision, device):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+            batch = to_device(collate(chunk), device)
             lp = sequence_logps(model, batch)[0]
             for j, e in enumerate(chunk):
                 e["ref_chosen"], e["ref_rejected"] = float(lp[j]), float(lp[len(chunk) + j])

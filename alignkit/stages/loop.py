@@ -18,7 +18,7 @@ import torch
 from transformers import get_scheduler
 
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import autocast, make_optimizer
+from .common import autocast, make_optimizer, to_device
 from .faults import catch_sigint, count_step, is_finite, new_counts, stop_if_interrupted
 from .progress import progress_bar
 from .resources import peak_memory_mb
@@ -67,9 +67,6 @@ def evaluate(model, examples, collate, loss_fn, cfg, device) -> dict:
                 sums[k] += float(v) / denom
     return {f"eval/{k}": v for k, v in sums.items()}
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def accumulate(model, micro: list, collate, loss_fn, precision: str, device) -> dict:
