@@ -118,4 +118,15 @@ def test_split_eval_is_seeded_and_disjoint():
     train, held = split_eval(list(range(100)), 0.1, seed=0)
     assert len(held) == 10 and sorted(train + held) == list(range(100))
     assert split_eval(list(range(100)), 0.1, seed=0) == (train, held)
-    assert split_eval(list(range(5)), 0.0, seed=0) == (split_eval(list(range(5)), 0.0, seed=0)[0], [])
+    assert split_eval(list(range(5)), 0.0, seed=0) == (list(range(5)), [])  # nothing held out: file order
+    assert train == sorted(train) and held == sorted(held)  # both parts keep the file order
+    assert split_eval(list(range(100)), 0.1, seed=1)[1] != held
+
+
+def test_micro_batches_shuffle_per_epoch_or_keep_file_order():
+    from alignkit.stages.loop import micro_batches
+
+    assert micro_batches(list(range(10)), 4, 0, 0, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    e0, e1 = micro_batches(list(range(10)), 4, 0, 0), micro_batches(list(range(10)), 4, 0, 1)
+    assert sorted(sum(e0, [])) == list(range(10)) and e0 != e1  # a new seeded order each epoch
+    assert micro_batches(list(range(10)), 4, 0, 0) == e0

@@ -24,6 +24,7 @@ from .common import disable_dropout
 from .events import require_tensorboard, write_events
 from .loop import train_loop
 from .progress import print_table
+from .resources import return_freed_memory
 
 STAGES = {"sft": sft.prepare, "dpo": dpo.prepare, "rm": rm.prepare, "ppo": ppo.prepare}
 
@@ -60,6 +61,7 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     rows: what preflight(cfg) returned, when the caller ran it already (the CLI does, before the heavy imports)."""
     rows = preflight(cfg) if rows is None else rows  # bad data fails before the model loads
     run_dir = Path(cfg.run.dir)
+    return_freed_memory()  # peak RSS = what is alive, not glibc's high-water mark
     if cfg.run.tensorboard:
         require_tensorboard()
     seed_everything(cfg.train.seed)
