@@ -42,6 +42,16 @@ class Schedule(Enum):
     constant = "constant"
 
 
+class Strategy(Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Launcher(Enum):
+    none = "none"
+    torchrun = "torchrun"
+
+
 class DPOLoss(Enum):
     sigmoid = "sigmoid"
     cdpo = "cdpo"
@@ -207,6 +217,7 @@ class TrainConfig:
     gradient_checkpointing: bool = MISSING
     disable_dropout: bool = MISSING
     eval_batch_size: int = MISSING
+    strategy: Strategy = MISSING
 
 
 @dataclass
@@ -239,6 +250,8 @@ class Config:
     reward: RewardConfig = MISSING
     policy: PolicyConfig = MISSING
     run: RunConfig = MISSING
+    launcher: Launcher = MISSING
+    nproc: int = MISSING
 
 
 # schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
