@@ -1,7 +1,7 @@
 """`alignkit train launcher=torchrun nproc=N`: start the same command again under torchrun.
 
 Everything that can fail without the training processes fails here first, as one line and
-exit 2 (run dir, data, model path, strategy on this machine); then torchrun starts N
+exit 2 (config, run dir, data, model path); then torchrun starts N
 processes on this machine and its exit code is ours. run.dir is resolved here, so every
 process writes the same `${now:...}` directory.
 """
@@ -27,13 +27,11 @@ def torchrun_command(args: list[str], run_dir: str, nproc: int) -> list[str]:
 
 def spawn(args: list[str], cfgs: list, run_dir: str) -> int:
     """Check each job as far as a machine without the processes can, then run torchrun; its exit code."""
-    from .models.load import base_model_cfg, pick_device, resolve_model_dir
-    from .stages.dist import check_strategy
+    from .models.load import base_model_cfg, resolve_model_dir
     from .stages.rundir import preflight
 
     for cfg in cfgs:
         preflight(cfg)
-        check_strategy(cfg, pick_device())
         resolve_model_dir(base_model_cfg(cfg).path)  # builds the model cache once, before N processes want it
     command = torchrun_command(args, run_dir, cfgs[0].nproc)
     print(f"alignkit: starting {cfgs[0].nproc} processes: {' '.join(command[1:])}", file=sys.stderr)

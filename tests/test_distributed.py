@@ -52,7 +52,7 @@ def assert_same_tensors(a_file, b_file, atol):
     a, b = load_file(a_file), load_file(b_file)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_share_cuts_a_global_batch_into_near_equal_contiguous_parts():
@@ -151,6 +151,20 @@ def test_launcher_torchrun_runs_dpo_on_two_processes_with_one_process_numbers(tm
     assert "launcher: torchrun" in saved and "nproc: 2" in saved
 
 
+def test_qlora_dpo_under_fsdp_matches_one_process(tmp_path):
+    """The 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage) and sharded by FSDP2;
+    bitsandbytes restores their quantisation state in each layer's forward."""
+    one_process(tmp_path / "one", *DPO, "adapter=qlora", "train.batch_size=8")
+    out = torchrun(*DPO, "adapter=qlora", "train.strategy=fsdp", "train.batch_size=4", f"run.dir={tmp_path / 'two'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = ("loss", "grad_norm", "rewards/margins")
+    assert_same_curve(losses(tmp_path / "two", keys), losses(tmp_path / "one", keys), atol=1e-5)
+    # Adam's step lr * m / (sqrt(v) + eps) turns the rounding of a near-zero gradient into up to a step's
+    # size: after 3 steps ~10 of these 32768 weights differ by 1e-5..1e-4; 1% of one step (lr=1e-2) bounds them
+    assert_same_tensors(tmp_path / "one/final/adapter_model.safetensors",
+                        tmp_path / "two/final/adapter_model.safetensors", atol=1e-4)
+
+
 @pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8"))])
 def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     out = torchrun(*TINY, f"method={method}", *extra, f"run.dir={tmp_path}")
@@ -168,12 +182,9 @@ def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     (("method=ppo", "reward=gold", "train.strategy=fsdp"), "method=ppo does not run with train.strategy=fsdp"),
     (("adapter=prompt", "train.strategy=fsdp"), "adapter=prompt does not run with train.strategy=fsdp"),
     (("adapter=bitdelta", "train.strategy=fsdp"), "adapter=bitdelta does not run with train.strategy=fsdp"),
-    (("adapter=qlora", "train.strategy=fsdp"), "adapter=qlora with train.strategy=fsdp needs CUDA GPUs"),
     (("nproc=0",), "nproc=0 is out of range"),
 ])
 def test_combinations_that_cannot_run_fail_before_any_process_starts(tmp_path, capsys, overrides, message):
-    if "adapter=qlora" in overrides and torch.cuda.is_available():
-        pytest.skip("QLoRA + FSDP is allowed on a GPU")
     code = main(["train", *TINY, "launcher=torchrun", "nproc=2", *overrides, f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

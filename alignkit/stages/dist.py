@@ -14,8 +14,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
-
 
 def launched() -> bool:
     """Started by torchrun (or accelerate launch, which sets the same variables) with several processes."""
@@ -51,13 +49,6 @@ def setup() -> torch.device:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def check_strategy(cfg, device: torch.device) -> None:
-    """Combinations that can only be refused once the device is known."""
-    if cfg.train.strategy.value == "fsdp" and cfg.adapter.name == "qlora" and device.type != "cuda":
-        raise UsageError("adapter=qlora with train.strategy=fsdp needs CUDA GPUs (bitsandbytes shards its 4-bit "
-                         "weights only there): use train.strategy=ddp on this machine")
 
 
 def share(batch: list, rank: int, world: int) -> tuple[list, int]:

@@ -67,7 +67,6 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
         require_tensorboard()
     seed_everything(cfg.train.seed)
     device = dist.setup()
-    dist.check_strategy(cfg, device)
     head = HEAD.get(cfg.method.name, "lm")
     # with policy.init the SFT policy becomes the base: the reference (adapters off) is then the SFT model
     dist.main_first(lambda: resolve_model_dir(base_model_cfg(cfg).path))  # one process fills the model cache
