@@ -154,6 +154,11 @@ def wrap(model, loss_fn, strategy: str, device: torch.device) -> torch.nn.Module
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):  # a bitsandbytes 4-bit Linear on a CPU
+                # whose eval-mode kernel repacks weight.data in place: under FSDP that is a gathered copy,
+                # rebuilt at every forward without the repacked state (wrong outputs); keep the training kernel
+                module.support_avx512bf16_for_cpu = False
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(forward)
