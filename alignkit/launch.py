@@ -27,9 +27,15 @@ def torchrun_command(args: list[str], run_dir: str, nproc: int) -> list[str]:
 
 def spawn(args: list[str], cfgs: list, run_dir: str) -> int:
     """Check each job as far as a machine without the processes can, then run torchrun; its exit code."""
+    import torch
+
+    from .errors import UsageError
     from .models.load import base_model_cfg, resolve_model_dir
     from .stages.rundir import preflight
 
+    gpus = torch.cuda.device_count()
+    if 0 < gpus < cfgs[0].nproc:  # on the CPU (gloo) any number of processes runs
+        raise UsageError(f"nproc={cfgs[0].nproc}: this machine has {gpus} GPU(s); start at most one process per GPU")
     for cfg in cfgs:
         preflight(cfg)
         resolve_model_dir(base_model_cfg(cfg).path)  # builds the model cache once, before N processes want it

@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
 
 def launched() -> bool:
     """Started by torchrun (or accelerate launch, which sets the same variables) with several processes."""
@@ -39,6 +41,9 @@ def setup() -> torch.device:
 
     device = pick_device()
     if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK={device.index} but this machine has {torch.cuda.device_count()} GPU(s): "
+                             f"start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(device)
     if launched() and not dist.is_initialized():
         cuda = device.type == "cuda"
