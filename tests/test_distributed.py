@@ -5,6 +5,7 @@ losses, the eval, the checkpointed weights and optimizer state. The one-process 
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,17 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     one_process(tmp_path / "resumed", *SFT, "train.batch_size=8",
                 f"run.resume={root / 'ddp/checkpoints/step-2'}")
     assert_same_curve(losses(tmp_path / "resumed"), losses(root / "ddp")[2:])
+
+
+def test_a_run_continues_in_its_run_dir_with_another_process_count(runs, tmp_path):
+    """Same config (batch_size per process): the global batch shrinks from 8 to 4, so the epoch has 9 steps
+    instead of 5; the run goes on from its newest checkpoint (step 4) at data position step x 4."""
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "ddp", run, ignore=shutil.ignore_patterns("final", "summary.json"))
+    one_process(run, *SFT, "train.batch_size=4", "train.save_every=2", "run.resume=true")
+    assert [x["step"] for x in metrics(run) if "loss" in x] == list(range(1, 10))
+    assert json.loads((run / "summary.json").read_text())["train_steps"] == 5
 
 
 def test_fsdp_resumes_a_one_process_checkpoint_and_matches_it(runs):
