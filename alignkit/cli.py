@@ -133,11 +133,11 @@ def _train(args: list[str]) -> int:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
-    from .launch import spawn, under_launcher
+    from .launch import several_processes, spawn, under_launcher
 
     if cfgs[0].launcher.value == "torchrun" and not under_launcher():
         return spawn(args, cfgs, base)
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = several_processes()
     if several:  # started by torchrun: rank 0's run.dir (its ${now}) for all
         from .stages import dist
 
@@ -216,7 +216,9 @@ def _recipe(args: list[str]) -> int:
 
     if not args or args[0].startswith("-") or "=" in args[0]:
         raise UsageError(f"usage: alignkit recipe NAME [overrides] (recipes: {', '.join(recipe_names())})")
-    if "LOCAL_RANK" in os.environ or any(a.startswith(("launcher=", "nproc=")) for a in args):
+    from .launch import under_launcher
+
+    if under_launcher() or any(a.startswith(("launcher=", "nproc=")) for a in args):
         raise UsageError("alignkit recipe runs its stages in one process: launcher, nproc and torchrun are for "
                          "alignkit train (run each stage with it)")
     rest = [a for a in args[1:] if a != "--cfg"]

@@ -9,17 +9,12 @@ single process makes on the global batch. Logged numbers are global (sums all-re
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
-
-
-def launched() -> bool:
-    """Started by torchrun (or accelerate launch, which sets the same variables) with several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+from ..launch import several_processes
 
 
 def world() -> int:
@@ -45,7 +40,7 @@ def setup() -> torch.device:
             raise UsageError(f"LOCAL_RANK={device.index} but this machine has {torch.cuda.device_count()} GPU(s): "
                              f"start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(device)
-    if launched() and not dist.is_initialized():
+    if several_processes() and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device
