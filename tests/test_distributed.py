@@ -49,7 +49,10 @@ def assert_same_curve(got: list[tuple], expected: list[tuple], atol=1e-6):
         assert g == pytest.approx(e, rel=1e-5, abs=atol), f"step {e[0]}"
 
 
-def assert_same_tensors(a_file, b_file, atol):
+def assert_same_tensors(a_file, b_file, atol=1e-4):
+    """Weights by default: Adam's step lr * m / (sqrt(v) + eps) turns the rounding of a near-zero gradient
+    into a visible part of a step, so a few of the 32768 LoRA weights differ by 1e-6..2e-5 after 2-5 steps
+    at lr=1e-2 (the rest to 1e-7); 1% of one step bounds them. Optimizer moments agree to ~1e-9."""
     a, b = load_file(a_file), load_file(b_file)
     assert a.keys() == b.keys()
     for name in a:
@@ -91,11 +94,10 @@ def test_two_processes_give_the_loss_curve_of_one_with_their_global_batch(runs):
     eval_one, eval_two = metrics(root / "one")[-1], metrics(root / "ddp")[-1]
     assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=1e-5)
     assert_same_tensors(root / "one/checkpoints/step-2/trainable.safetensors",
-                        root / "ddp/checkpoints/step-2/trainable.safetensors", atol=1e-6)
+                        root / "ddp/checkpoints/step-2/trainable.safetensors")
     assert_same_tensors(root / "one/checkpoints/step-2/optimizer.safetensors",
                         root / "ddp/checkpoints/step-2/optimizer.safetensors", atol=1e-8)
-    assert_same_tensors(root / "one/final/adapter_model.safetensors", root / "ddp/final/adapter_model.safetensors",
-                        atol=1e-6)
+    assert_same_tensors(root / "one/final/adapter_model.safetensors", root / "ddp/final/adapter_model.safetensors")
 
 
 def test_only_rank_zero_writes_the_run(runs):
@@ -140,11 +142,11 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches_it(runs):
                    f"run.resume={root / 'one/checkpoints/step-2'}", f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_curve(losses(run), losses(root / "one")[2:])
-    for name in ("trainable", "optimizer"):
-        assert_same_tensors(root / f"one/checkpoints/step-3/{name}.safetensors",
-                            run / f"checkpoints/step-3/{name}.safetensors", atol=1e-6)
-    assert_same_tensors(root / "one/final/adapter_model.safetensors", run / "final/adapter_model.safetensors",
-                        atol=1e-6)
+    assert_same_tensors(root / "one/checkpoints/step-3/trainable.safetensors",
+                        run / "checkpoints/step-3/trainable.safetensors")
+    assert_same_tensors(root / "one/checkpoints/step-3/optimizer.safetensors",
+                        run / "checkpoints/step-3/optimizer.safetensors", atol=1e-8)
+    assert_same_tensors(root / "one/final/adapter_model.safetensors", run / "final/adapter_model.safetensors")
 
 
 def test_launcher_torchrun_runs_dpo_on_two_processes_with_one_process_numbers(tmp_path):
@@ -175,10 +177,8 @@ def test_qlora_dpo_under_fsdp_matches_one_process(tmp_path):
     # one (the inference kernel repacks weights in place, which a gathered FSDP copy cannot keep)
     evals = [metrics(tmp_path / run)[-1]["eval/loss"] for run in ("one", "two")]
     assert evals[1] == pytest.approx(evals[0], rel=1e-4)
-    # Adam's step lr * m / (sqrt(v) + eps) turns the rounding of a near-zero gradient into up to a step's
-    # size: after 3 steps ~10 of these 32768 weights differ by 1e-5..1e-4; 1% of one step (lr=1e-2) bounds them
     assert_same_tensors(tmp_path / "one/final/adapter_model.safetensors",
-                        tmp_path / "two/final/adapter_model.safetensors", atol=1e-4)
+                        tmp_path / "two/final/adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8"))])

@@ -208,6 +208,7 @@ class TrainConfig:
     weight_decay: float = MISSING
     max_grad_norm: float = MISSING
     seed: int = MISSING
+    shuffle: bool = MISSING
     log_every: int = MISSING
     save_every: int = MISSING
     max_bad_steps: int = MISSING
@@ -215,6 +216,7 @@ class TrainConfig:
     optimizer: Optimizer = MISSING
     precision: Precision = MISSING
     gradient_checkpointing: bool = MISSING
+    packing: bool = MISSING
     disable_dropout: bool = MISSING
     eval_batch_size: int = MISSING
     strategy: Strategy = MISSING

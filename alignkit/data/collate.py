@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .packing import pack
+
 
 def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(e["input_ids"]) for e in examples)
@@ -17,16 +19,22 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
 
 
-def collate_sft(examples: list[dict], pad_id: int) -> dict:
+def collate_sft(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """Padded rows; with packed=True also the padding-free layout (data/packing.py) under "packed"."""
     batch = pad_batch(examples, pad_id)
+    if packed:
+        batch["packed"] = pack([[e] for e in examples], pad_id)
     batch["count"] = int(batch["completion_mask"][:, 1:].sum())  # tokens the loss averages over
     batch["samples"] = len(examples)
     return batch
 
 
-def collate_preference(examples: list[dict], pad_id: int) -> dict:
-    """Chosen rows then rejected rows (2B rows), so one forward pass serves both."""
+def collate_preference(examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """Chosen rows then rejected rows (2B rows), so one forward pass serves both; with packed=True also
+    the padding-free layout with each prompt once (data/packing.py) under "packed"."""
     batch = pad_batch([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+    if packed:
+        batch["packed"] = pack([[e["chosen"], e["rejected"]] for e in examples], pad_id)
     batch["count"] = batch["samples"] = len(examples)  # pairs the loss averages over
     if "margin" in examples[0]:
         batch["margin"] = torch.tensor([e["margin"] for e in examples])

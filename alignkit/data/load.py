@@ -71,10 +71,11 @@ def load_rows(data: DictConfig, seed: int) -> list[Row]:
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded shuffle, then the last `fraction` of the items is held out (at least one if fraction > 0)."""
+    """A seeded random `fraction` of the items is held out (at least one if fraction > 0); both parts keep
+    the file order (training shuffles per epoch unless train.shuffle=false)."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_eval = min(max(round(len(items) * fraction), 1 if fraction > 0 else 0), len(items) - 1)
-    train = [items[i] for i in order[: len(items) - n_eval]]
-    held = [items[i] for i in order[len(items) - n_eval:]]
+    train = [items[i] for i in sorted(order[: len(items) - n_eval])]
+    held = [items[i] for i in sorted(order[len(items) - n_eval:])]
     return train, held

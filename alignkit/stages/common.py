@@ -8,6 +8,7 @@ import torch
 
 from ..adapters.prompt import virtual_token_inputs
 from ..objectives import token_logps
+from .packed import can_pack, packed_token_logps
 
 
 def forward_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +40,22 @@ def input_positions(x: torch.Tensor, length: int, virtual: int) -> torch.Tensor:
     return x[:, virtual:]
 
 
+def counted_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the counted tokens and their mask: packed (N,) each when the batch and model allow it,
+    else the padded (B, T') of forward_token_logps."""
+    if "packed" in batch and can_pack(model):
+        lp = packed_token_logps(model, batch["packed"])
+        return lp, torch.ones_like(lp)
+    return forward_token_logps(model, batch)
+
+
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob of each row and its completion token count, (B,) each."""
+    if "packed" in batch and can_pack(model):
+        packed = batch["packed"]
+        lp = packed_token_logps(model, packed)
+        sums = torch.zeros(len(packed["tokens"]), device=lp.device).index_add(0, packed["owner"], lp)
+        return sums, packed["tokens"].float()
     lp, mask = forward_token_logps(model, batch)
     return (lp * mask).sum(-1), mask.sum(-1)
 
@@ -105,4 +120,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, device: to
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
+
+
+def packing(cfg) -> bool:
+    """train.packing, except for prompt/prefix tuning (their virtual tokens need the padded layout)."""
+    return cfg.train.packing and cfg.adapter.name not in ("prompt", "prefix")

@@ -19,7 +19,7 @@ from ..adapters import WEIGHT_ADAPTERS
 from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
 from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
-from .common import autocast, sequence_logps, to_device
+from .common import autocast, packing, sequence_logps, to_device
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
@@ -99,4 +99,4 @@ def precompute_reference(model, examples: list, collate, batch_size: int, device
 
 def prepare(cfg, tokenizer, rows):
     examples = encode_rows(tokenizer, rows, cfg.data, "preference")
-    return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id), partial(dpo_step, method=cfg.method)
+    return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id, packed=packing(cfg)), partial(dpo_step, method=cfg.method)

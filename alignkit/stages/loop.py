@@ -31,10 +31,10 @@ from .resources import peak_memory_mb
 from .rundir import checkpoints, truncate_jsonl
 
 
-def micro_batches(examples: list, batch_size: int, seed: int, epoch: int) -> list[list]:
-    """The epoch's examples in a seeded order, cut into micro-batches."""
+def micro_batches(examples: list, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list]:
+    """The epoch's examples in a seeded order (or in order), cut into micro-batches."""
     g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
+    order = torch.randperm(len(examples), generator=g).tolist() if shuffle else list(range(len(examples)))
     return [[examples[i] for i in order[j:j + batch_size]] for j in range(0, len(order), batch_size)]
 
 
@@ -54,7 +54,8 @@ def step_windows(examples, train, per_epoch: int, start: int, total: int, rank: 
     for step in range(start, total):
         epoch = step // per_epoch
         if epoch != cached_epoch:
-            cached_epoch, batches = epoch, micro_batches(examples, train.batch_size * world, train.seed, epoch)
+            cached_epoch, batches = epoch, micro_batches(examples, train.batch_size * world, train.seed, epoch,
+                                                         train.shuffle)
         i = (step % per_epoch) * train.grad_accum
         yield step, epoch, [dist.share(b, rank, world) for b in batches[i:i + train.grad_accum]]
 

@@ -244,7 +244,7 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
         for step in range(start, total):
             t0 = time.perf_counter()
             epoch = step // per_epoch
-            prompts = micro_batches(examples, t.batch_size * world, t.seed, epoch)[step % per_epoch]
+            prompts = micro_batches(examples, t.batch_size * world, t.seed, epoch, t.shuffle)[step % per_epoch]
             batch_examples, rows = dist.share(prompts, rank, world)
             generator.manual_seed(t.seed * 100003 + step)  # minibatch order = f(seed, step): exact resume
             batch = rollout(model, tokenizer, batch_examples, reward_fn, m, t.precision.value, device, kl_coef)

