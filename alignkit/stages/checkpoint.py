@@ -147,9 +147,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove temp dirs a killed run left (never our own live one)."""
+    """Keep the newest `keep` checkpoints; remove temp dirs a killed run left (never our own live one).
+
+    An old checkpoint is renamed to a hidden dir before it is deleted: a kill in the middle of the
+    delete leaves that hidden dir (removed next time), never a step-N that lost some of its files."""
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = old.parent / f".old-{old.name}-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     for pattern in (".tmp-*", ".old-*"):
         for stale in (Path(run_dir) / "checkpoints").glob(pattern):
             if not stale.name.endswith(f"-{os.getpid()}"):
