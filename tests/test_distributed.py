@@ -59,6 +59,14 @@ def assert_same_tensors(a_file, b_file, atol=1e-4):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_same_outputs(a_run, b_run, step: int):
+    """Two runs' step-N checkpoint (weights, optimizer moments) and final/ adapter."""
+    for name, atol in (("trainable", 1e-4), ("optimizer", 1e-8)):
+        assert_same_tensors(a_run / f"checkpoints/step-{step}/{name}.safetensors",
+                            b_run / f"checkpoints/step-{step}/{name}.safetensors", atol)
+    assert_same_tensors(a_run / "final/adapter_model.safetensors", b_run / "final/adapter_model.safetensors")
+
+
 def test_share_cuts_a_global_batch_into_near_equal_contiguous_parts():
     rows = list(range(8))
     assert [share(rows, r, 2) for r in range(2)] == [([0, 1, 2, 3], 4), ([4, 5, 6, 7], 4)]
@@ -93,11 +101,7 @@ def test_two_processes_give_the_loss_curve_of_one_with_their_global_batch(runs):
     assert_same_curve(two, one)
     eval_one, eval_two = metrics(root / "one")[-1], metrics(root / "ddp")[-1]
     assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=1e-5)
-    assert_same_tensors(root / "one/checkpoints/step-2/trainable.safetensors",
-                        root / "ddp/checkpoints/step-2/trainable.safetensors")
-    assert_same_tensors(root / "one/checkpoints/step-2/optimizer.safetensors",
-                        root / "ddp/checkpoints/step-2/optimizer.safetensors", atol=1e-8)
-    assert_same_tensors(root / "one/final/adapter_model.safetensors", root / "ddp/final/adapter_model.safetensors")
+    assert_same_outputs(root / "one", root / "ddp", step=2)
 
 
 def test_only_rank_zero_writes_the_run(runs):
@@ -142,11 +146,7 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches_it(runs):
                    f"run.resume={root / 'one/checkpoints/step-2'}", f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_curve(losses(run), losses(root / "one")[2:])
-    assert_same_tensors(root / "one/checkpoints/step-3/trainable.safetensors",
-                        run / "checkpoints/step-3/trainable.safetensors")
-    assert_same_tensors(root / "one/checkpoints/step-3/optimizer.safetensors",
-                        run / "checkpoints/step-3/optimizer.safetensors", atol=1e-8)
-    assert_same_tensors(root / "one/final/adapter_model.safetensors", run / "final/adapter_model.safetensors")
+    assert_same_outputs(root / "one", run, step=3)
 
 
 def test_launcher_torchrun_runs_dpo_on_two_processes_with_one_process_numbers(tmp_path):
