@@ -35,6 +35,7 @@ examples:
   alignkit train method=sft model=tiny train.max_steps=5
   alignkit train method=dpo data.path=prefs.jsonl method.beta=0.2
   alignkit train -m method=dpo method.beta=0.1,0.5 model=tiny
+  alignkit train method=dpo launcher=torchrun nproc=4  # 4 processes (GPUs); or: torchrun ... -m alignkit train
   alignkit eval run=runs/dpo-lora-20261125-101500
   alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
   alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
@@ -124,18 +125,29 @@ def _train(args: list[str]) -> int:
     cfgs = [compose_config(job) for job in jobs]
     for cfg in cfgs:
         validate(cfg)
+    base = cfgs[0].run.dir
     if multirun:
-        base = cfgs[0].run.dir
         for i, cfg in enumerate(cfgs):
             cfg.run.dir = os.path.join(base, str(i))
     if show_cfg:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
+    from .launch import several_processes, spawn, under_launcher
+
+    if cfgs[0].launcher.value == "torchrun" and not under_launcher():
+        return spawn(args, cfgs, base)
+    several = several_processes()
+    if several:  # started by torchrun: rank 0's run.dir (its ${now}) for all
+        from .stages import dist
+
+        dist.setup()
+        for cfg in cfgs:
+            cfg.run.dir = dist.broadcast(cfg.run.dir)
     from .stages.rundir import preflight
 
     for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
-        if multirun:
+        if multirun and _is_main():
             print(f"[job {i}] {' '.join(job)}", file=sys.stderr)
         rows = preflight(cfg)  # run dir and data checks fail before the training code is even imported
         from .stages.runner import run_train
@@ -143,9 +155,17 @@ def _train(args: list[str]) -> int:
         try:
             run_train(cfg, rows)
         except Interrupted as exc:
-            print(_resume_hint(exc, job), file=sys.stderr)
+            if _is_main():
+                print(_resume_hint(exc, job), file=sys.stderr)
             return 130
+    if several:
+        dist.teardown()
     return 0
+
+
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job, or the only process: the one that prints errors and hints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _resume_hint(exc: Interrupted, job: list[str]) -> str:
@@ -196,6 +216,11 @@ def _recipe(args: list[str]) -> int:
 
     if not args or args[0].startswith("-") or "=" in args[0]:
         raise UsageError(f"usage: alignkit recipe NAME [overrides] (recipes: {', '.join(recipe_names())})")
+    from .launch import under_launcher
+
+    if under_launcher() or any(a.startswith(("launcher=", "nproc=")) for a in args):
+        raise UsageError("alignkit recipe runs its stages in one process: launcher, nproc and torchrun are for "
+                         "alignkit train (run each stage with it)")
     rest = [a for a in args[1:] if a != "--cfg"]
     flags = [a for a in rest if a.startswith("-")]
     if flags:
@@ -254,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             exc = io_error(exc, exc.filename or "output")  # disk full, permission denied: one line
         if not _is_user_error(exc):
             raise
-        print(f"alignkit: error: {_one_line(exc) if not isinstance(exc, UsageError) else exc}", file=sys.stderr)
+        if _is_main():  # every process of a torchrun job meets the same bad input: one line
+            print(f"alignkit: error: {_one_line(exc) if not isinstance(exc, UsageError) else exc}", file=sys.stderr)
         return 2
 
 

@@ -97,14 +97,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: Path, cfg: DictConfig) -> list[str]:
-    """`key: old -> new` for each value where cfg differs from a run's saved config.yaml (run.* aside).
+HOW_TO_RUN = ("launcher", "nproc")
 
-    Compared as YAML text round-trips, so enums and plain strings compare equal.
+
+def config_changes(saved: Path, cfg: DictConfig) -> list[str]:
+    """`key: old -> new` for each value where cfg differs from a run's saved config.yaml.
+
+    run.*, launcher and nproc say where and how a run executes, not what it computes, so a run may be
+    resumed with another process count. Compared as YAML text round-trips, so enums and plain
+    strings compare equal.
     """
     old = _flatten(OmegaConf.to_container(OmegaConf.load(saved)))
     new = _flatten(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg))))
-    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith("run.") and old.get(k) != new.get(k))
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if not k.startswith("run.") and k not in HOW_TO_RUN and old.get(k) != new.get(k))
     return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys]
 
 
@@ -115,7 +121,8 @@ def load_saved_config(path: Path) -> DictConfig:
     for key in defaults:  # sections and keys added to alignkit after the run was made
         if key not in raw:
             raw[key] = defaults[key]
-        elif key not in SCHEMAS:  # a plain section: its keys do not depend on a group choice
+        elif key not in SCHEMAS and OmegaConf.is_dict(defaults[key]):  # a plain section (not a group choice,
+            # not a top-level value such as nproc)
             for sub in defaults[key]:
                 if sub not in raw[key]:
                     raw[key][sub] = defaults[key][sub]

@@ -42,6 +42,16 @@ class Schedule(Enum):
     constant = "constant"
 
 
+class Strategy(Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Launcher(Enum):
+    none = "none"
+    torchrun = "torchrun"
+
+
 class DPOLoss(Enum):
     sigmoid = "sigmoid"
     cdpo = "cdpo"
@@ -209,6 +219,7 @@ class TrainConfig:
     packing: bool = MISSING
     disable_dropout: bool = MISSING
     eval_batch_size: int = MISSING
+    strategy: Strategy = MISSING
 
 
 @dataclass
@@ -241,6 +252,8 @@ class Config:
     reward: RewardConfig = MISSING
     policy: PolicyConfig = MISSING
     run: RunConfig = MISSING
+    launcher: Launcher = MISSING
+    nproc: int = MISSING
 
 
 # schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`

@@ -78,6 +78,7 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
              f"{s.batch_size}/{s.num_prompts}", "must be >= 1")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _validate_processes(cfg)
     if cfg.run.overwrite and cfg.run.resume is not False:
         raise UsageError("run.overwrite=true replaces a run, run.resume continues it: set only one of them")
 
@@ -94,3 +95,20 @@ def _validate_bitdelta(cfg: DictConfig, verb: str) -> None:
             raise UsageError("alignkit compress does not resume: leave run.resume=false")
     elif a.finetuned is not None:
         raise UsageError("adapter.finetuned is for alignkit compress; alignkit train compresses the model it trains")
+
+
+def _validate_processes(cfg: DictConfig) -> None:
+    """launcher/nproc and the combinations train.strategy=fsdp cannot run."""
+    _require(cfg.nproc >= 1, "nproc", cfg.nproc, "must be >= 1")
+    if cfg.train.strategy.value != "fsdp":
+        return
+    if cfg.method.name == "ppo":
+        raise UsageError("method=ppo does not run with train.strategy=fsdp (rollouts generate on each process "
+                         "alone, which sharded weights do not allow): use train.strategy=ddp")
+    if cfg.adapter.name == "bitdelta":
+        raise UsageError("adapter=bitdelta does not run with train.strategy=fsdp (the 1-bit compression after "
+                         "training needs the whole model in one process): use train.strategy=ddp")
+    if cfg.adapter.name in ("prompt", "prefix"):
+        raise UsageError(f"adapter={cfg.adapter.name} does not run with train.strategy=fsdp (peft saves it by running "
+                         f"its prompt encoder outside the sharded forward): use train.strategy=ddp, which also "
+                         f"fits: its few trainable weights need no sharding")

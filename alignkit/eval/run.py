@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..models.load import load_base_model, load_run, pick_device
 from ..stages import dpo, rm
 from ..stages.checkpoint import atomic_json
+from ..stages.dist import StageForward
 from ..stages.loop import evaluate
 from ..stages.progress import print_table
 from ..stages.ppo import forward_policy, sample_responses
@@ -74,7 +75,7 @@ def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
             dpo.precompute_reference(base, examples, collate, cfg.train.eval_batch_size, device,
                                      cfg.train.precision.value, Path(run_dir or ".") / "eval_ref_logps.safetensors")
             del base
-    return {k.removeprefix("eval/"): v for k, v in evaluate(model, examples, collate, step, cfg, device).items()}
+    return {k.removeprefix("eval/"): v for k, v in evaluate(StageForward(model, step), examples, collate, cfg, device).items()}
 
 
 def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:

@@ -42,7 +42,12 @@ def cached(name: str, build: Callable[[Path], None]) -> Path:
         if target.exists():  # an incomplete earlier entry
             print(f"alignkit: replacing the incomplete cache entry {target}", file=sys.stderr)
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # another process (a node of a multi-node run on a shared cache) renamed its copy first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -22,7 +23,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU (under torchrun: this process's, cuda:LOCAL_RANK) or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def gpu_has_bf16(device: torch.device) -> bool:
@@ -60,7 +64,9 @@ def resolve_model_dir(path: str) -> str:
     return path  # a hub id
 
 
-def quantization_config(adapter: DictConfig, device: torch.device):
+def quantization_config(adapter: DictConfig, device: torch.device, sharded: bool = False):
+    """sharded (FSDP): the 4-bit weights are stored in the compute dtype, a float FSDP can shard
+    like the layers' other weights (bitsandbytes' FSDP-QLoRA setting); uint8 otherwise."""
     from transformers import BitsAndBytesConfig
 
     compute = resolve_dtype(adapter.compute_dtype.value, device)
@@ -69,6 +75,7 @@ def quantization_config(adapter: DictConfig, device: torch.device):
         bnb_4bit_quant_type=adapter.quant_type,
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if sharded else torch.uint8,
     )
 
 
@@ -87,8 +94,9 @@ def check_pickle(source: str, allow_pickle: bool) -> None:
                          f"convert it to safetensors, or set model.allow_pickle=true if you trust its source")
 
 
-def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device, head: str = "lm"):
-    """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora.
+def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.device, head: str = "lm",
+                    sharded: bool = False):
+    """Return (model, tokenizer, model_dir). 4-bit NF4 when adapter is qlora (stored for FSDP when sharded).
 
     head: "lm" -> a causal LM; "score" -> a scalar score head (sequence classification, 1 label)
     on the same body, freshly initialised N(0, 1/sqrt(d+1)) unless the checkpoint has one.
@@ -105,7 +113,7 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
                   use_safetensors=None if model_cfg.allow_pickle else True,
                   dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name in WEIGHT_ADAPTERS))
     if adapter.name == "qlora":
-        kwargs.update(quantization_config=quantization_config(adapter, device), device_map={"": device.type})
+        kwargs.update(quantization_config=quantization_config(adapter, device, sharded), device_map={"": str(device)})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
         if head == "score":

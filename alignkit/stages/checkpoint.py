@@ -3,6 +3,10 @@
 Only safetensors and JSON are written (no pickles). A checkpoint holds the
 trainable weights, the optimizer and scheduler state, the RNG states and the
 step (the data position follows from the step and the seed).
+
+With several processes rank 0 writes it; under FSDP the shards are gathered first (every
+process takes part), so a checkpoint holds whole tensors whatever the strategy and process
+count, and any of them can resume it (each process reads it and keeps its own shard).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import io_error
+from . import dist
 from .rundir import checkpoints
 
 
@@ -69,7 +74,7 @@ def atomic_json(path: Path, data: dict) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: dist.full(p.detach()).contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _split_optimizer(opt) -> tuple[dict, dict]:
@@ -78,24 +83,33 @@ def _split_optimizer(opt) -> tuple[dict, dict]:
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.contiguous().cpu()
+                tensors[f"{pid}.{key}"] = dist.full(value).contiguous().cpu()
             else:
                 scalars[f"{pid}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _join_optimizer(tensors: dict, meta: dict) -> dict:
+def _join_optimizer(tensors: dict, meta: dict, params: list) -> dict:
+    """The optimizer state dict again; state tensors shaped like their parameter laid out as it is (FSDP)."""
     state: dict[int, dict] = {}
     for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, key = flat.split(".", 1)
+        param = params[int(pid)]
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value = dist.like(value, param)
         state.setdefault(int(pid), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
+    """Every process calls it (FSDP gathers shards); rank 0 writes."""
+    weights = trainable_state(model)
+    tensors, meta = _split_optimizer(optimizer)
+    if not dist.is_main():
+        return
+
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        tensors, meta = _split_optimizer(optimizer)
+        save_file(weights, tmp / "trainable.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -116,10 +130,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(dist.like(value, params[name]))
     device = next(iter(params.values())).device
     tensors = {k: v.to(device) for k, v in load_file(path / "optimizer.safetensors").items()}
-    optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's ids
+    optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"], ordered))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
@@ -132,20 +147,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove temp dirs a killed run left (never our own live one)."""
+    """Keep the newest `keep` checkpoints; remove temp dirs a killed run left (never our own live one).
+
+    An old checkpoint is renamed to a hidden dir before it is deleted: a kill in the middle of the
+    delete leaves that hidden dir (removed next time), never a step-N that lost some of its files."""
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = old.parent / f".old-{old.name}-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     for pattern in (".tmp-*", ".old-*"):
         for stale in (Path(run_dir) / "checkpoints").glob(pattern):
             if not stale.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_final(path: Path, model, tokenizer, extra=None) -> None:
+def save_final(path: Path, model, tokenizer, extra=None, state_dict=None) -> None:
     """final/: a peft adapter dir (the trained "default" adapter only) or a full model dir, plus the
-    tokenizer; extra(tmp_dir) adds stage-specific files (PPO's value head)."""
+    tokenizer; extra(tmp_dir) adds stage-specific files (PPO's value head). state_dict: the model's
+    whole tensors when FSDP shards it (dist.gathered_state); None = read the model."""
     def write(tmp: Path) -> None:
         kwargs = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}
+        if state_dict is not None:
+            kwargs["state_dict"] = state_dict
         model.save_pretrained(tmp, **kwargs)
         tokenizer.save_pretrained(tmp)
         if extra is not None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import Interrupted, UsageError
+from . import dist
 from .rundir import checkpoints
 
 
@@ -26,8 +27,9 @@ def catch_sigint():
         if flag["hit"]:
             raise KeyboardInterrupt
         flag["hit"] = True
-        print("\nalignkit: interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
-              file=sys.stderr)
+        if dist.is_main():  # under torchrun every process gets the Ctrl-C: one message
+            print("\nalignkit: interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
 
     try:
         previous = signal.signal(signal.SIGINT, handler)
@@ -62,8 +64,9 @@ def count_step(counts: dict, ok: bool, step: int, limit: int, run_dir: Path) -> 
         return
     counts["skipped_steps"] += 1
     counts["bad_streak"] += 1
-    print(f"alignkit: step {step}: NaN/inf loss or gradient, step skipped "
-          f"({counts['bad_streak']} in a row, stop at train.max_bad_steps={limit})", file=sys.stderr)
+    if dist.is_main():
+        print(f"alignkit: step {step}: NaN/inf loss or gradient, step skipped "
+              f"({counts['bad_streak']} in a row, stop at train.max_bad_steps={limit})", file=sys.stderr)
     if counts["bad_streak"] >= limit:
         saved = checkpoints(run_dir)
         kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved (train.save_every)"

@@ -6,12 +6,17 @@ forward gives log-probs and values, as in lm-human-preferences); reward = a
 reward-model adapter on the same base, a separate RM, or a gold judge
 (ppo_reward.py). Log-probs divide the logits by the sampling temperature in the
 rollout, the reference and the update alike.
+
+With several processes (DDP) each rolls out its share of every step's prompts (sampling
+seeded by its rank) and updates on its own rollouts through the DDP wrapper: the gradient
+is the rows-weighted mean of the processes' minibatch losses; logged numbers are global.
 """
 from __future__ import annotations
 
 import json
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,10 +30,11 @@ from ..eval.sample import generation_config, left_pad
 from ..objectives import token_logps
 from ..objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards,
                               value_loss, whiten)
+from . import dist
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import autocast, make_optimizer
 from .faults import catch_sigint, count_step, new_counts, stop_if_interrupted
-from .loop import micro_batches, optimizer_step, resume_point
+from .loop import log_file, micro_batches, optimizer_step, resume_point
 from .progress import progress_bar
 from .resources import peak_memory_mb
 from .rundir import truncate_jsonl
@@ -131,38 +137,50 @@ def rollout(model, tokenizer, examples, reward_fn, m, precision: str, device, kl
             "gen_tokens_per_s": float(mask.sum()) / gen_seconds, "eos": has_eos.float()}
 
 
-def ppo_update(model, batch: dict, optimizer, scheduler, params, cfg, device, generator) -> tuple[dict, bool]:
+def minibatch_loss(model, mb: dict, denominator: int, method):
+    """The clipped policy + value loss of one minibatch (token means; denominator is 1) and its stats."""
+    logp, values, _ = forward_policy(model, mb["ids"], mb["attn"], mb["mask"].shape[1], method.temperature)
+    pg, clipfrac, approxkl = policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], method.clip_range)
+    vf, vf_clipfrac = value_loss(values, mb["values"], mb["returns"], mb["mask"], method.vf_clip)
+    loss = (pg + method.vf_coef * vf) / denominator
+    return loss, {"loss": loss, "loss/policy": pg, "loss/value": vf, "policy/clipfrac": clipfrac,
+                  "policy/approxkl": approxkl, "val/clipfrac": vf_clipfrac}
+
+
+def ppo_update(forward, batch: dict, optimizer, scheduler, params, cfg, device, generator,
+               rows: int) -> tuple[dict, bool]:
     """method.ppo_epochs passes of num_minibatches clipped updates over one rollout batch.
 
-    Returns the mean stats of the updates that ran and whether all ran (NaN/inf ones are skipped)."""
+    forward: dist.wrap(model, minibatch_loss); rows: this process's real rollouts (0 for a stand-in),
+    which weight its loss and stats against the other processes'. Returns the mean stats of the
+    updates that ran and whether all ran (NaN/inf ones are skipped)."""
     m, t = cfg.method, cfg.train
     mask = batch["mask"]
     advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
     if m.whiten_advantages:
         advantages = whiten(advantages, mask)
     size = len(mask) // m.num_minibatches
+    scale = dist.world() * rows / dist.all_sum({"rows": rows})["rows"]  # DDP averages: 1 with equal shares
     stats: dict[str, float] = defaultdict(float)
     updates = skipped = 0
     for _ in range(m.ppo_epochs):
         order = torch.randperm(len(mask), generator=generator).to(device)
         for k in range(m.num_minibatches):
             idx = order[k * size:(k + 1) * size]
+            mb = {"ids": batch["ids"][idx], "attn": batch["attn"][idx], "logp": batch["logp"][idx],
+                  "values": batch["values"][idx], "advantages": advantages[idx], "returns": returns[idx],
+                  "mask": mask[idx]}
             with autocast(t.precision.value, device):
-                logp, values, _ = forward_policy(model, batch["ids"][idx], batch["attn"][idx], mask.shape[1],
-                                                 m.temperature)
-                pg, clipfrac, approxkl = policy_loss(logp, batch["logp"][idx], advantages[idx], mask[idx],
-                                                     m.clip_range)
-                vf, vf_clipfrac = value_loss(values, batch["values"][idx], returns[idx], mask[idx], m.vf_clip)
-                loss = pg + m.vf_coef * vf
-            loss.backward()
+                loss, mb_stats = forward(mb, 1)
+            (loss * scale).backward()
             lr = scheduler.get_last_lr()[0]
-            grad_norm, ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, float(loss.detach()))
+            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, rows)
+            grad_norm, ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, mb_stats["loss"])
             skipped += not ok
             if not ok:
                 continue
-            for key, value in (("loss", loss), ("loss/policy", pg), ("loss/value", vf), ("policy/clipfrac", clipfrac),
-                               ("policy/approxkl", approxkl), ("val/clipfrac", vf_clipfrac)):
-                stats[key] += float(value.detach())
+            for key, value in mb_stats.items():
+                stats[key] += value
             stats["grad_norm"] += grad_norm
             stats["lr"] += lr
             updates += 1
@@ -190,9 +208,11 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
     """PPO steps (one rollout batch of train.batch_size prompts each); returns the final metrics."""
     m, t = cfg.method, cfg.train
     add_value_head(model, device)
+    forward = dist.wrap(model, partial(minibatch_loss, method=m), t.strategy.value, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(t.optimizer.value, params, t.lr, t.weight_decay, device)
-    per_epoch = -(-len(examples) // t.batch_size)
+    rank, world = dist.rank(), dist.world()
+    per_epoch = -(-len(examples) // (t.batch_size * world))
     total = t.max_steps if t.max_steps > 0 else per_epoch * t.epochs
     updates_per_step = m.ppo_epochs * m.num_minibatches
     scheduler = get_scheduler(t.schedule.value, optimizer, num_training_steps=total * updates_per_step,
@@ -203,37 +223,43 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         start, kl_coef = state["step"], state["kl_coef"]
         counts = {k: state.get(k, 0) for k in counts}
-    if cfg.run.resume is not False:
+    if cfg.run.resume is not False and dist.is_main():
         for log in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(run_dir / log, start)
+    if world > 1:  # each process samples its own completions: RNG = f(seed, rank, step resumed at)
+        torch.manual_seed(t.seed + 1_000_003 * rank + start)
 
     def save(done: int, epoch: int) -> Path:
         path = run_dir / "checkpoints" / f"step-{done}"
         save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, "kl_coef": kl_coef, **counts})
-        prune_checkpoints(run_dir, t.keep_checkpoints)
+        if dist.is_main():
+            prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
 
     generator = torch.Generator().manual_seed(t.seed)
     last: dict = {}
     model.train()  # dropout is off; bitsandbytes' CPU eval-mode kernel would differ from the update's
-    with catch_sigint() as sigint, progress_bar(total, start) as bar, (run_dir / "metrics.jsonl").open("a") as \
-            metrics_file, (run_dir / "samples.jsonl").open("a") as samples_file:
+    with catch_sigint() as sigint, progress_bar(total, start, shown=dist.is_main()) as bar, \
+            log_file(run_dir / "metrics.jsonl") as metrics_file, log_file(run_dir / "samples.jsonl") as samples_file:
         for step in range(start, total):
             t0 = time.perf_counter()
             epoch = step // per_epoch
-            batch_examples = micro_batches(examples, t.batch_size, t.seed, epoch, t.shuffle)[step % per_epoch]
+            prompts = micro_batches(examples, t.batch_size * world, t.seed, epoch, t.shuffle)[step % per_epoch]
+            batch_examples, rows = dist.share(prompts, rank, world)
             generator.manual_seed(t.seed * 100003 + step)  # minibatch order = f(seed, step): exact resume
             batch = rollout(model, tokenizer, batch_examples, reward_fn, m, t.precision.value, device, kl_coef)
-            stats, ok = ppo_update(model, batch, optimizer, scheduler, params, cfg, device, generator)
+            stats, ok = ppo_update(forward, batch, optimizer, scheduler, params, cfg, device, generator, rows)
             count_step(counts, ok, step + 1, t.max_bad_steps, run_dir)
-            last = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **rollout_metrics(batch, kl_coef),
-                    **stats, "skipped_steps": counts["skipped_steps"]}
+            metrics = rollout_metrics(batch, kl_coef)
             elapsed = time.perf_counter() - t0
-            last["tokens_per_s"] = float(batch["attn"].sum()) * updates_per_step / elapsed
-            last["samples_per_s"] = len(batch_examples) / elapsed
+            real = 1.0 if rows else 0.0  # a stand-in's throughput does not count
+            rates = dist.all_sum({"gen_tokens_per_s": metrics.pop("gen_tokens_per_s") * real,
+                                  "tokens_per_s": float(batch["attn"].sum()) * updates_per_step / elapsed * real,
+                                  "samples_per_s": rows / elapsed})
+            last = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **dist.all_mean(metrics, rows),
+                    **stats, "skipped_steps": counts["skipped_steps"], **rates}
             if m.adaptive_kl and ok:  # a skipped step's NaN KL must not poison the coefficient
-                kl_coef = adaptive_kl_coef(kl_coef, last["objective/kl"], m.target_kl, m.kl_horizon,
-                                           len(batch_examples))
+                kl_coef = adaptive_kl_coef(kl_coef, last["objective/kl"], m.target_kl, m.kl_horizon, len(prompts))
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
             if step % m.sample_every == 0:
@@ -245,8 +271,9 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
             done, saved = step + 1, None
             if t.save_every and done % t.save_every == 0 and done < total:
                 saved = save(done, epoch)
-            if done < total:
-                stop_if_interrupted(sigint, run_dir, done, lambda: saved or save(done, epoch))
+            if done < total:  # every process stops at the same step, even if Ctrl-C reached only some
+                stop_if_interrupted({"hit": dist.any_rank(sigint["hit"])}, run_dir, done,
+                                    lambda: saved or save(done, epoch))
     return {**last, "train_steps": total - start, **peak_memory_mb(device)}
 
 

@@ -11,8 +11,9 @@ class _Silent:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, start: int, label: str = "train"):
-    if not sys.stderr.isatty():
+def progress_bar(total: int, start: int, label: str = "train", shown: bool = True):
+    """shown=False: silent (the processes other than rank 0 of a multi-process run)."""
+    if not (shown and sys.stderr.isatty()):
         yield _Silent()
         return
     from rich.console import Console

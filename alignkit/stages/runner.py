@@ -1,4 +1,7 @@
-"""`alignkit train`: load the base, attach the adapter, run the method's loop."""
+"""`alignkit train`: load the base, attach the adapter, run the method's loop.
+
+Under torchrun every process runs this; rank 0 alone writes the run dir (dist.py).
+"""
 from __future__ import annotations
 
 import random
@@ -14,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..adapters import attach_adapter
 from ..data.load import split_eval
 from ..errors import io_error
-from ..models.load import base_model_cfg, load_base_model, pick_device
+from ..models.load import base_model_cfg, load_base_model, resolve_model_dir
 from ..config.rules import HEAD
-from . import dpo, ppo, rm, sft
+from . import dist, dpo, ppo, rm, sft
 from .ppo_reward import make_reward, reward_run
 from .rundir import preflight, replacing
 from .checkpoint import atomic_json, atomic_text, save_final
@@ -65,10 +68,12 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     if cfg.run.tensorboard:
         require_tensorboard()
     seed_everything(cfg.train.seed)
-    device = pick_device()
+    device = dist.setup()
     head = HEAD.get(cfg.method.name, "lm")
     # with policy.init the SFT policy becomes the base: the reference (adapters off) is then the SFT model
-    model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head)
+    dist.main_first(lambda: resolve_model_dir(base_model_cfg(cfg).path))  # one process fills the model cache
+    sharded = cfg.train.strategy.value == "fsdp" and dist.world() > 1
+    model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head, sharded)
     if cfg.method.name == "ppo" and cfg.reward.kind == "model":
         reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
@@ -84,27 +89,32 @@ def execute(run: Run, started: float | None = None) -> dict:
     """Train, save final/, write summary.json last. started: perf_counter() at launch, for wall time.
 
     With run.overwrite=true an earlier run in run.dir is kept aside until summary.json is written."""
-    with replacing(run.run_dir, run.cfg.run.overwrite):
+    with replacing(run.run_dir, run.cfg.run.overwrite and dist.is_main()):
         return _execute(run, time.perf_counter() if started is None else started)
 
 
 def _execute(run: Run, started: float) -> dict:
     cfg, run_dir, model = run.cfg, run.run_dir, run.model
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise io_error(exc, run_dir) or exc
-    atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    dist.barrier()  # every process has checked run.dir (preflight) before rank 0 writes in it
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error(exc, run_dir) or exc
+        atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     if cfg.method.name == "dpo" and dpo.needs_precomputed_reference(cfg):
-        # one pass before training; no reference forward (or second model copy) while training
-        dpo.precompute_reference(model, run.train_examples + run.eval_examples, run.collate,
-                                 cfg.train.eval_batch_size, run.device, cfg.train.precision.value,
-                                 run_dir / "ref_logps.safetensors")
+        # one pass before training; no reference forward (or second model copy) while training;
+        # rank 0 writes the cache, the other processes then read it
+        dist.main_first(lambda: dpo.precompute_reference(
+            model, run.train_examples + run.eval_examples, run.collate, cfg.train.eval_batch_size, run.device,
+            cfg.train.precision.value, run_dir / "ref_logps.safetensors"))
     trainable, total = count_params(model)
     start = f" from policy.init={cfg.policy.init}" if cfg.policy.init is not None else ""
-    print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path}{start} ({run.device.type}), "
-          f"{trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
-          f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
+    processes = f" x {dist.world()} processes ({cfg.train.strategy.value})" if dist.world() > 1 else ""
+    if dist.is_main():
+        print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path}{start} ({run.device.type}"
+              f"{processes}), {trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
+              f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
     if cfg.method.name == "ppo":
         reward_fn = run.reward_fn or make_reward(cfg, model, run.tokenizer, run.model_dir)
         final = ppo.train_ppo(cfg, model, run.tokenizer, run.train_examples, reward_fn, run_dir, run.device)
@@ -113,11 +123,13 @@ def _execute(run: Run, started: float) -> dict:
                            run.device)
     final.update(FINISH.get(cfg.adapter.name, save_model)(run))
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
+               "processes": dist.world(), "strategy": cfg.train.strategy.value if dist.world() > 1 else None,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
-    if cfg.run.tensorboard:
-        write_events(run_dir)
-    atomic_json(run_dir / "summary.json", summary)
+    if dist.is_main():
+        if cfg.run.tensorboard:
+            write_events(run_dir)
+        atomic_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -126,15 +138,19 @@ def save_model(run: Run) -> dict:
     if hasattr(run.model, "peft_config"):
         run.model.peft_config["default"].base_model_name_or_path = run.model_dir
     extra = ppo.save_value_head if run.cfg.method.name == "ppo" else None
-    save_final(run.run_dir / "final", run.model, run.tokenizer, extra)
+    state = dist.gathered_state(run.model)  # FSDP: every process sends its shards to rank 0
+    if dist.is_main():
+        save_final(run.run_dir / "final", run.model, run.tokenizer, extra, state)
     return {}
 
 
 def save_bitdelta(run: Run) -> dict:
-    """final/: only the BitDelta artifact of the trained model over its base (+ compress.json)."""
+    """final/: only the BitDelta artifact of the trained model over its base (+ compress.json).
+
+    On rank 0 only (DDP: every process holds the same trained model; FSDP is refused)."""
     from ..bitdelta.pipeline import compress_trained
 
-    return compress_trained(run)
+    return compress_trained(run) if dist.is_main() else {}
 
 
 # adapters whose final/ is not the trained model as it is
@@ -144,5 +160,6 @@ FINISH = {"bitdelta": save_bitdelta}
 def run_train(cfg: DictConfig, rows: list | None = None) -> dict:
     started = time.perf_counter()
     summary = execute(prepare_run(cfg, rows), started)
-    print_table(f"run: {summary['run_dir']}", {k: v for k, v in summary.items() if k != "run_dir"})
+    if dist.is_main():
+        print_table(f"run: {summary['run_dir']}", {k: v for k, v in summary.items() if k != "run_dir"})
     return summary
