@@ -3,12 +3,13 @@
 
     python scripts/bench_levers.py [--model DIR] [--pairs 8] [--repeats 3] [--json out.json]
 
-Layouts, each adding one lever to the one before, each in its own process (peak RSS is its own):
+Levers, each added to the ones before, each in its own process (peak RSS is its own):
   padded     2n right-padded rows, the LM head from the first completion column on (alignkit before issue 9)
-  head       same rows, the LM head only on counted tokens, in chunks recomputed in backward
+  free       + glibc returns freed blocks to the OS (alignkit.stages.resources.return_freed_memory)
+  head       + the LM head only on counted tokens, in chunks recomputed in backward
   shared     + each prompt once for its chosen and rejected answers (one pair per row)
   packed     + pairs packed first-fit into rows (padding-free): train.packing=true
-  packed+ckpt  + activation checkpointing
+  ckpt       + activation checkpointing (train.gradient_checkpointing=true)
 Time: the best of --repeats steps after one warm-up. Same LoRA as bench_dpo.py (r 16, all-linear).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-LAYOUTS = ["padded", "head", "shared", "packed", "packed+ckpt"]
+LAYOUTS = ["padded", "free", "head", "shared", "packed", "ckpt"]
 
 
 def one_per_row(lengths: list[int]) -> tuple[list[tuple[int, int]], int, int]:
@@ -33,7 +34,7 @@ def make_batch(layout: str, examples: list[dict], pad_id: int) -> dict:
     import alignkit.data.packing as packing
     from alignkit.data.collate import collate_preference
 
-    if layout == "padded":
+    if layout in ("padded", "free"):
         return collate_preference(examples, pad_id)
     if layout in ("head", "shared"):
         packing.first_fit = one_per_row
@@ -51,7 +52,10 @@ def child(args) -> dict:
 
     from alignkit.data.tokenize import encode_pair
     from alignkit.stages.common import sequence_logps
+    from alignkit.stages.resources import return_freed_memory
 
+    if args.child != "padded":
+        return_freed_memory()
     tok = AutoTokenizer.from_pretrained(args.model)
     examples = []
     for row in bc.pair_rows(args.pairs, 0, tok, 256):
@@ -60,9 +64,9 @@ def child(args) -> dict:
             p, c = encode_pair(tok, row["prompt"], row[side])
             ex[side] = {"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
         examples.append(ex)
-    batch = make_batch(args.child, examples, tok.pad_token_id)
+    batch = make_batch("packed" if args.child == "ckpt" else args.child, examples, tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.child.endswith("ckpt"):
+    if args.child == "ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
