@@ -59,6 +59,10 @@ def common_args(ap) -> None:
     """Options both benchmarks take, and the hidden ones a child process gets."""
     import argparse
 
+    ap.add_argument("--model", default=None, help="local model dir (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--ckpt", nargs="+", default=["on", "off"], choices=["on", "off"],
                     help="activation checkpointing settings to run (both tools)")
@@ -68,6 +72,17 @@ def common_args(ap) -> None:
     ap.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+
+
+def dispatch(ap, alignkit_child, trl_child):
+    """Parse the options; in a child, run its side and print its JSON line (returns None); else the args."""
+    args = ap.parse_args()
+    resolve_model(args)
+    if not args.child:
+        return args
+    args.precision = args.precision[0]
+    print(json.dumps((alignkit_child if args.child == "alignkit" else trl_child)(args)))
+    return None
 
 
 def resolve_model(args) -> None:
@@ -123,6 +138,25 @@ def body_params(model_dir: str) -> tuple[int, int, int]:
     return n_layers * per_layer, d, v
 
 
+def task_flops(args, rows: list[dict], answers: tuple[str, ...], body_factor: int) -> tuple[float, int]:
+    """(FLOPs of the task, real tokens): body_factor x body params per token of every prompt+answer sequence
+    (DPO 6: reference forward, policy forward, policy backward to the activations; SFT 4; LoRA's own weight
+    gradients are negligible), + 6 x d x vocab per scored answer token (head forward, backward)."""
+    from transformers import AutoTokenizer
+
+    from alignkit.data.tokenize import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    n_body, d, vocab = body_params(args.model)
+    flops, tokens = 0.0, 0
+    for row in rows:
+        for key in answers:
+            p, c = encode_pair(tok, row["prompt"], row[key])
+            tokens += len(p) + len(c)
+            flops += body_factor * n_body * (len(p) + len(c)) + 6 * d * vocab * len(c)
+    return flops, tokens
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -148,16 +182,16 @@ def child_cmd(args, script: str, side: str, precision: str, data: Path, run_dir:
             *[f"--extra={e}" for e in args.extra]]
 
 
-def compare(args, script: str, unit: str, task_flops, step1_keys, rtol: float = 1e-4) -> int:
+def compare(args, script: str, unit: str, flops_of, step1_keys, rtol: float = 1e-4) -> int:
     """Run alignkit and TRL, activation checkpointing on and off, per precision; print, check, write JSON.
 
-    task_flops(args, rows) -> (FLOPs, real tokens) of one epoch. Returns 1 when fp32 step-1 numbers
+    flops_of(args, rows) -> (FLOPs, real tokens) of one epoch. Returns 1 when fp32 step-1 numbers
     disagree (the comparison is void)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = (pair_rows if unit == "pairs" else sft_rows)(args.n, 0, tok, args.max_length)
-    flops, tokens = task_flops(args, rows)
+    flops, tokens = flops_of(args, rows)
     report = {"unit": unit, "n": args.n, "batch_size": args.batch_size, "max_length": args.max_length,
               "model": args.model, "task_tflops": flops / 1e12, "task_tokens": tokens,
               "threads": torch.get_num_threads(), "runs": []}
@@ -199,3 +233,47 @@ def compare(args, script: str, unit: str, task_flops, step1_keys, rtol: float = 
     if void:
         print(f"fp32 step-1 numbers differ by more than {rtol}: the comparison is void", file=sys.stderr)
     return 1 if void else 0
+
+
+def run_alignkit(args, *overrides: str) -> tuple[list[dict], dict]:
+    """One alignkit training run in this process, configured like the TRL side: (metrics lines, summary)."""
+    from alignkit.cli import main as cli_main
+
+    run_dir = Path(args.run_dir)
+    code = cli_main(["train", "adapter=lora", f"model.path={args.model}", "model.dtype=float32",
+                     f"train.precision={args.precision}", f"data.path={args.data}", "data.eval_fraction=0",
+                     f"data.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
+                     "train.max_steps=-1", "train.epochs=1", "train.warmup_ratio=0", "train.schedule=linear",
+                     "train.shuffle=false", f"train.lr={args.lr}", "adapter.r=16", "adapter.alpha=32",
+                     "adapter.dropout=0.0", f"train.gradient_checkpointing={args.ckpt[0] == 'on'}",
+                     f"run.dir={run_dir}", *overrides, *args.extra])
+    if code:
+        sys.exit(code)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((run_dir / "summary.json").read_text())
+
+
+def run_trl(args, trainer_cls, config_cls, **settings) -> tuple[object, dict]:
+    """One TRL training run (its config class with `settings` on top of the shared ones), LoRA as alignkit's:
+    (trainer, {train_s, peak_cuda_mb})."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    rows = [json.loads(x) for x in Path(args.data).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = config_cls(
+        output_dir=args.run_dir, bf16=args.precision == "bf16", fp16=False, use_cpu=not cuda,
+        gradient_checkpointing=args.ckpt[0] == "on", per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1, learning_rate=args.lr, max_length=args.max_length, lr_scheduler_type="linear",
+        warmup_steps=0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, seed=42, **settings)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trainer_cls(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = trainer.train()
+    return trainer, {"train_s": out.metrics["train_runtime"],
+                     "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}

@@ -15,7 +15,6 @@ agree in fp32 (relative 1e-4), or the comparison is void (exit 1). Needs the `be
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,87 +25,30 @@ STEP1 = ("loss", "logps/chosen", "logps/rejected")
 
 
 def alignkit_child(args) -> dict:
-    from alignkit.cli import main as cli_main
-
-    run_dir = Path(args.run_dir)
-    code = cli_main(["train", "method=dpo", "adapter=lora", f"model.path={args.model}", "model.dtype=float32",
-                     f"train.precision={args.precision}", f"data.path={args.data}", "data.eval_fraction=0",
-                     f"data.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
-                     "train.max_steps=-1", "train.epochs=1", "train.warmup_ratio=0", "train.schedule=linear",
-                     "train.shuffle=false", f"train.lr={args.lr}", f"method.beta={args.beta}", "adapter.r=16",
-                     "adapter.alpha=32", "adapter.dropout=0.0", f"train.gradient_checkpointing={args.ckpt[0] == 'on'}",
-                     f"run.dir={run_dir}", *args.extra])
-    if code:
-        sys.exit(code)
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    lines, summary = bc.run_alignkit(args, "method=dpo", f"method.beta={args.beta}")
     return {"train_s": summary["train_seconds"], "peak_cuda_mb": summary.get("peak_cuda_mb"),
-            **{k: first[k] for k in STEP1}}
+            **{k: lines[0][k] for k in STEP1}}
 
 
 def trl_child(args) -> dict:
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    cuda = torch.cuda.is_available()
-    rows = [json.loads(x) for x in Path(args.data).read_text().splitlines()]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = DPOConfig(
-        output_dir=args.run_dir, bf16=args.precision == "bf16", fp16=False, use_cpu=not cuda,
-        gradient_checkpointing=args.ckpt[0] == "on", per_device_train_batch_size=args.batch_size,
-        num_train_epochs=1, learning_rate=args.lr, beta=args.beta, max_length=args.max_length,
-        lr_scheduler_type="linear", warmup_steps=0, train_sampling_strategy="sequential", logging_steps=1,
-        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=42)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    out = trainer.train()
+    trainer, out = bc.run_trl(args, DPOTrainer, DPOConfig, beta=args.beta)
     first = next(h for h in trainer.state.log_history if h.get("step") == 1 and "loss" in h)
-    return {"train_s": out.metrics["train_runtime"],
-            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            **{k: first[k] for k in STEP1}}
-
-
-def task_flops(args, rows: list[dict]) -> tuple[float, int]:
-    """(FLOPs of the task, real tokens): 6 x body params per token of every prompt+answer sequence (reference
-    forward, policy forward, policy backward to the activations), + 6 x d x vocab per scored answer token."""
-    from transformers import AutoTokenizer
-
-    from alignkit.data.tokenize import encode_pair
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    n_body, d, vocab = bc.body_params(args.model)
-    flops, tokens = 0.0, 0
-    for row in rows:
-        for side in ("chosen", "rejected"):
-            p, c = encode_pair(tok, row["prompt"], row[side])
-            tokens += len(p) + len(c)
-            flops += 6 * n_body * (len(p) + len(c)) + 6 * d * vocab * len(c)
-    return flops, tokens
+    return {**out, **{k: first[k] for k in STEP1}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local model dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--pairs", type=int, default=32, dest="n")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     bc.common_args(ap)
-    args = ap.parse_args()
-    bc.resolve_model(args)
-    if args.child:
-        args.precision = args.precision[0]
-        print(json.dumps((alignkit_child if args.child == "alignkit" else trl_child)(args)))
+    args = bc.dispatch(ap, alignkit_child, trl_child)
+    if args is None:
         return 0
     args.own = ["--beta", str(args.beta)]
-    return bc.compare(args, __file__, "pairs", task_flops, STEP1)
+    return bc.compare(args, __file__, "pairs", lambda a, rows: bc.task_flops(a, rows, ("chosen", "rejected"), 6), STEP1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Levers, each added to the ones before, each in its own process (peak RSS is its own):
   padded     2n right-padded rows, the LM head from the first completion column on (alignkit before issue 9)
-  free       + glibc returns freed blocks to the OS (alignkit.stages.resources.return_freed_memory)
+  free       + glibc returns freed blocks to the OS at once (ALIGNKIT_RETURN_MEMORY=1; off by default)
   head       + the LM head only on counted tokens, in chunks recomputed in backward
   shared     + each prompt once for its chosen and rejected answers (one pair per row)
   packed     + pairs packed first-fit into rows (padding-free): train.packing=true

@@ -4,6 +4,7 @@ Under torchrun every process runs this; rank 0 alone writes the run dir (dist.py
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -64,7 +65,8 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     rows: what preflight(cfg) returned, when the caller ran it already (the CLI does, before the heavy imports)."""
     rows = preflight(cfg) if rows is None else rows  # bad data fails before the model loads
     run_dir = Path(cfg.run.dir)
-    return_freed_memory()  # peak RSS = what is alive, not glibc's high-water mark
+    if os.environ.get("ALIGNKIT_RETURN_MEMORY") == "1":
+        return_freed_memory()  # peak RSS = what is alive, at the cost of speed (see resources.py)
     if cfg.run.tensorboard:
         require_tensorboard()
     seed_everything(cfg.train.seed)
