@@ -8,7 +8,7 @@ import torch
 
 from ..adapters.prompt import virtual_token_inputs
 from ..objectives import token_logps
-from .packed import can_pack, packed_token_logps
+from .packed import can_pack, causal_lm, packed_token_logps
 
 
 def forward_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,15 +43,19 @@ def input_positions(x: torch.Tensor, length: int, virtual: int) -> torch.Tensor:
 def counted_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the counted tokens and their mask: packed (N,) each when the batch and model allow it,
     else the padded (B, T') of forward_token_logps."""
-    if "packed" in batch and can_pack(model):
+    if uses_packed(model, batch):
         lp = packed_token_logps(model, batch["packed"])
         return lp, torch.ones_like(lp)
     return forward_token_logps(model, batch)
 
 
+def uses_packed(model, batch: dict) -> bool:
+    return "packed" in batch and can_pack(model)
+
+
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob of each row and its completion token count, (B,) each."""
-    if "packed" in batch and can_pack(model):
+    if uses_packed(model, batch):
         packed = batch["packed"]
         lp = packed_token_logps(model, packed)
         sums = torch.zeros(len(packed["tokens"]), device=lp.device).index_add(0, packed["owner"], lp)
@@ -62,7 +66,7 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def score_head(model):
     """The score Linear of a sequence-classification model (peft's trainable copy when wrapped)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm(model)
     return inner.score
 
 

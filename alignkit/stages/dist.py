@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..errors import UsageError
 from ..launch import several_processes
+from .packed import causal_lm
 
 
 def world() -> int:
@@ -137,7 +138,7 @@ class StageForward(torch.nn.Module):
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks FSDP shards one by one: transformers names their class in _no_split_modules."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 

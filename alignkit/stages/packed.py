@@ -16,6 +16,7 @@ HEAD_CHUNK_ELEMENTS = 2 ** 24  # logits per head chunk (64 MB in fp32)
 
 
 def causal_lm(model):
+    """The transformers model inside a peft wrapper (the model itself when unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

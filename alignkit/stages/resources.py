@@ -1,8 +1,7 @@
-"""Peak memory of this process (RSS) and of the GPU; glibc told to return freed blocks."""
+"""Peak memory of this process (RSS) and of the GPU; glibc told to return freed blocks (opt-in)."""
 from __future__ import annotations
 
 import ctypes
-import os
 import resource
 import sys
 
