@@ -133,11 +133,11 @@ def _train(args: list[str]) -> int:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
-    from .launch import several_processes, spawn, under_launcher
+    from .launch import spawn, under_launcher
 
     if cfgs[0].launcher.value == "torchrun" and not under_launcher():
         return spawn(args, cfgs, base)
-    several = several_processes()
+    several = under_launcher()
     if several:  # started by torchrun: rank 0's run.dir (its ${now}) for all
         from .stages import dist
 

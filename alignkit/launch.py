@@ -17,11 +17,6 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def several_processes() -> bool:
-    """Started by torchrun (or accelerate launch, which sets the same variables) with several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def torchrun_command(args: list[str], run_dir: str, nproc: int) -> list[str]:
     """python -m torch.distributed.run --standalone (a free local port) ... -m alignkit train ARGS run.dir=DIR."""
     if not any(a.lstrip("+~").startswith("run.dir=") for a in args):

@@ -22,12 +22,15 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="gpu: needs CUDA (scripts/gpu_check.sh runs these on a GPU machine)")
+    slow = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        elif "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(slow)
 
 
 def compose(*overrides: str):

@@ -155,3 +155,35 @@ def test_multirun_sweep_runs_each_job(tmp_path):
     betas = [float(yaml.safe_load((base / str(i) / "config.yaml").read_text())["method"]["beta"]) for i in (0, 1)]
     assert betas == [0.1, 0.5]
     assert all((base / str(i) / "summary.json").exists() for i in (0, 1))
+
+
+def test_an_unreachable_hub_is_noticed_at_once(monkeypatch):
+    """No network: the hub check fails within its connect timeout instead of a minute of retries."""
+    import time
+
+    import huggingface_hub.constants
+
+    from alignkit.models import hub
+
+    hub.hub_offline.cache_clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    started = time.monotonic()
+    try:
+        assert hub.hub_offline() is True
+        assert time.monotonic() - started <= hub.CONNECT_TIMEOUT_S + 1
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True  # the libraries read only their local cache now
+    finally:
+        hub.hub_offline.cache_clear()
+
+
+@pytest.mark.parametrize("key,value", [("model.path", "someorg/no-such-model"), ("data.path", "someorg/no-such-data")])
+def test_a_hub_id_offline_is_one_line(tmp_path, monkeypatch, key, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    done = alignkit("train", "model=tiny", f"{key}={value}", f"run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"alignkit: error: cannot load {key.split('.')[0]} '{value}' (the Hugging Face hub is "
+                            f"not reachable"), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

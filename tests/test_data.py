@@ -5,7 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignkit.data.collate import collate_preference, collate_sft
-from alignkit.data.load import load_rows, read_path, split_eval
+from alignkit.data.load import load_rows, read_path
+from alignkit.data.split import held_out_places, split_items
 from alignkit.data.tasks import arithmetic_rows, judge_arithmetic
 from alignkit.data.tokenize import encode_pair, encode_rows, truncate
 from alignkit.errors import UsageError
@@ -114,13 +115,16 @@ def test_arithmetic_task_is_deterministic_and_judged():
     assert judge_arithmetic("5 + 2 = 7. The answer is 7.", 7) == 1.0
 
 
-def test_split_eval_is_seeded_and_disjoint():
-    train, held = split_eval(list(range(100)), 0.1, seed=0)
-    assert len(held) == 10 and sorted(train + held) == list(range(100))
-    assert split_eval(list(range(100)), 0.1, seed=0) == (train, held)
-    assert split_eval(list(range(5)), 0.0, seed=0) == (list(range(5)), [])  # nothing held out: file order
-    assert train == sorted(train) and held == sorted(held)  # both parts keep the file order
-    assert split_eval(list(range(100)), 0.1, seed=1)[1] != held
+def test_held_out_split_is_seeded_and_disjoint():
+    held = held_out_places(100, 0.1, seed=0)
+    assert len(held) == 10 and held == sorted(held) and len(set(held)) == 10
+    assert held_out_places(100, 0.1, seed=0) == held
+    assert held_out_places(100, 0.1, seed=1) != held
+    assert held_out_places(5, 0.0, seed=0) == []
+    assert len(held_out_places(3, 0.01, seed=0)) == 1  # at least one row when a fraction is asked for
+    assert held_out_places(1, 0.5, seed=0) == []  # never every row
+    train, kept = split_items(list("abcdefghij"), [2, 7])
+    assert kept == ["c", "h"] and train == list("abdefgij")  # both parts keep the file order
 
 
 def test_micro_batches_shuffle_per_epoch_or_keep_file_order():

@@ -22,7 +22,7 @@ from conftest import CMD, TINY, alignkit, compose, metrics, tiny_cfg
 
 # 24 steps (two epochs of 12), a checkpoint after every step: a kill lands in or near a save
 RESUMABLE = [*TINY, "train.max_steps=24", "train.save_every=1", "train.keep_checkpoints=3", "data.eval_fraction=0"]
-TIMING = ("tokens_per_s", "samples_per_s")
+TIMING = ("tokens_per_s", "samples_per_s", "gen_tokens_per_s")
 
 
 def start(*args) -> subprocess.Popen:
@@ -62,9 +62,18 @@ def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
 
 
-@pytest.mark.parametrize("method,kills", [("sft", 1), ("dpo", 2), ("rm", 1)])
-def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the_run(tmp_path, method, kills):
-    args = [f"method={method}", *RESUMABLE]
+# PPO with the options no other test runs: several minibatches, the adaptive KL controller (its
+# coefficient is part of the checkpoint), the k3 estimator and unwhitened advantages
+PPO_OPTIONS = ("reward=gold", "method.max_new_tokens=6", "method.ppo_epochs=2", "method.num_minibatches=2",
+               "method.adaptive_kl=true", "method.kl_horizon=20", "method.kl_estimator=k3",
+               "method.whiten_advantages=false")
+
+
+@pytest.mark.parametrize("method,kills,options", [("sft", 1, ()), ("dpo", 2, ()), ("rm", 1, ()),
+                                                  ("ppo", 2, PPO_OPTIONS)], ids=["sft", "dpo", "rm", "ppo"])
+def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the_run(tmp_path, method, kills,
+                                                                                     options):
+    args = [f"method={method}", *RESUMABLE, *options]
     execute(prepare_run(compose(*args, f"run.dir={tmp_path / 'ref'}")))  # uninterrupted, in this process
     run_dir = tmp_path / "run"
     kills_at = []  # (the step whose save we wait for, then seconds): printed when an assertion fails

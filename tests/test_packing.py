@@ -130,3 +130,74 @@ def test_head_logps_chunks_and_gradient():
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(g_h, h.grad)
     torch.testing.assert_close(g_w, head.weight.grad)
+
+
+def windowed_model(kind: str):
+    """A tiny Mistral with a 4-token sliding window, or a tiny Qwen2 whose layers alternate sliding / full."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=4)
+    torch.manual_seed(0)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=2, **common)).eval()
+    config = Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=0,
+                         layer_types=["sliding_attention", "full_attention"], **common)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2-mixed"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_padded_with_a_sliding_window(kind, attn):
+    """Sequences longer than the window: each token sees only its last 4 positions, packed or padded."""
+    model = windowed_model(kind)
+    model.config._attn_implementation = attn
+    pairs = random_pairs(6, 64, seed=3)
+    assert max(len(e["chosen"]["input_ids"]) for e in pairs) > 8  # well past the window
+    batch = collate_preference(pairs, pad_id=0, packed=True)
+    assert can_pack(model)
+    with torch.no_grad():
+        packed, _ = sequence_logps(model, batch)
+        padded, _ = sequence_logps(model, {k: v for k, v in batch.items() if k != "packed"})
+    expect = [plain_logp(model, e[side]) for side in ("chosen", "rejected") for e in pairs]
+    torch.testing.assert_close(packed.double(), torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    # and the window matters here: without it the packed numbers differ
+    full = model.config.sliding_window
+    model.config.sliding_window = None
+    model.config.layer_types = ["full_attention"] * 2
+    with torch.no_grad():
+        unwindowed, _ = sequence_logps(model, batch)
+    model.config.sliding_window = full
+    assert (unwindowed - packed).abs().max() > 1e-3
+
+
+def test_packed_equals_padded_with_lora_on_the_lm_head(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(build_copy(tiny_model), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    with torch.no_grad():  # B = 0 at init: move it so the head's LoRA delta changes the numbers
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pairs = random_pairs(5, 64, seed=4)
+    batch = collate_preference(pairs, pad_id=0, packed=True)
+    assert can_pack(model)
+    grads = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "packed"}):
+        model.zero_grad()
+        lp, _ = sequence_logps(model, b)
+        lp.sum().backward()
+        grads.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), model.disable_adapter():
+        base, _ = sequence_logps(model, batch)
+    assert (base - grads[0][0]).abs().max() > 1e-2  # the head's adapter is in the packed numbers
+
+
+def build_copy(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -161,3 +161,28 @@ def test_rollout_logps_match_what_generate_sampled_from(tmp_path, adapter):
                                 for i, s in enumerate(out.scores)], 1)
         got, _, _ = forward_policy(model, seqs, torch.cat([attn, torch.ones_like(resp)], 1), 5, temperature=1.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task_size,minibatches,sizes", [
+    (7, 2, [[2, 2], [2, 1]]),      # 4 then a short last batch of 3: every row, 2 + 1
+    (5, 3, [[2, 1, 1], [1]]),      # 4 then 1 row: the two empty minibatches are skipped, not a NaN
+])
+def test_every_rollout_row_is_used_in_each_ppo_epoch(tmp_path, monkeypatch, task_size, minibatches, sizes):
+    import alignkit.stages.ppo as ppo
+
+    seen = []
+    real = ppo.minibatch_loss
+
+    def recording(model, mb, denominator, method):
+        seen.append(mb["ids"].shape[0])
+        return real(model, mb, denominator, method)
+
+    monkeypatch.setattr(ppo, "minibatch_loss", recording)
+    run = prepare_run(tiny_cfg(tmp_path, "method=ppo", "reward=gold", f"data.task_size={task_size}",
+                               "data.eval_fraction=0", "train.batch_size=4", "train.max_steps=2",
+                               f"method.num_minibatches={minibatches}", "method.ppo_epochs=2",
+                               "method.max_new_tokens=4"))
+    summary = execute(run)
+    # per step, ppo_epochs passes, each over every rollout row
+    assert seen == sizes[0] * 2 + sizes[1] * 2
+    assert math.isfinite(summary["loss/policy"]) and summary["skipped_steps"] == 0

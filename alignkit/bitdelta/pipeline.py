@@ -14,7 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
-from ..data.load import load_rows, split_eval
+from ..data.load import load_rows
+from ..data.split import HELD_OUT, held_out_rows
 from ..data.tasks import TASKS
 from ..data.tokenize import encode_preference, encode_sft
 from ..errors import UsageError
@@ -29,21 +30,34 @@ from .linear import unwrap_linears
 from .report import print_report, size_report, summary_metrics
 
 
-def split_data(cfg: DictConfig, tokenizer, rows) -> tuple[list, list, list]:
-    """(calibration sequences, held-out sequences, held-out rows), split exactly as `alignkit train`
-    splits the same data (same encoding, seed and data.eval_fraction), so held-out means unseen."""
-    pairs = []
-    for where, row in rows:
+def split_data(cfg: DictConfig, tokenizer, rows, run_dir: Path | None = None) -> tuple[list, list, list]:
+    """(calibration sequences, held-out sequences, held-out rows): the rows the training run `run_dir`
+    recorded as held out, else the seeded split of the raw rows `alignkit train` makes with the same data,
+    train.seed and data.eval_fraction, so held-out means unseen."""
+    held_places = set(held_out_rows(rows, cfg.data.eval_fraction, cfg.train.seed, run_dir))
+    train, held = [], []
+    for place, (where, row) in enumerate(rows):
         if cfg.method.name == "dpo":
             example = encode_preference(tokenizer, where, row, cfg.data)
         else:
             example = encode_sft(tokenizer, where, row, cfg.data, True)
         if example is not None:
-            pairs.append((row, example))
-    if not pairs:
+            (held if place in held_places else train).append((row, example))
+    if not train and not held:
         raise UsageError(f"data: no row fits in data.max_length={cfg.data.max_length}")
-    train, held = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed)
     return sequences([e for _, e in train]), sequences([e for _, e in held]), [r for r, _ in held]
+
+
+def training_run(cfg: DictConfig) -> Path | None:
+    """The alignkit run dir the fine-tuned model comes from (finetuned=RUN/final) when it recorded its held-out
+    rows and was trained on the same data.* and train.seed: compress then measures on exactly those rows."""
+    for candidate in (Path(cfg.adapter.finetuned), Path(cfg.adapter.finetuned).parent):
+        if (candidate / HELD_OUT).exists() and (candidate / "config.yaml").exists():
+            saved = OmegaConf.load(candidate / "config.yaml")
+            same = OmegaConf.to_container(saved.data) == OmegaConf.to_container(cfg.data) and \
+                saved.train.seed == cfg.train.seed
+            return candidate if same else None
+    return None
 
 
 def compress_models(cfg: DictConfig, base, finetuned, tokenizer, data: tuple, device) -> tuple:
@@ -130,7 +144,7 @@ def run_compress(cfg: DictConfig) -> dict:
     finetuned_cfg = OmegaConf.merge(cfg.model, {"path": cfg.adapter.finetuned})
     finetuned, tokenizer, _ = load_base_model(finetuned_cfg, cfg.adapter, device)
     check_same_shapes(base, finetuned)
-    data = split_data(cfg, tokenizer, rows)
+    data = split_data(cfg, tokenizer, rows, training_run(cfg))
     print(f"alignkit: compress {cfg.adapter.finetuned} over {cfg.model.path} ({device.type}), "
           f"{len(data[0])} calibration / {len(data[1])} held-out sequences -> {run_dir}", file=sys.stderr)
     delta, report = compress_models(cfg, base, finetuned, tokenizer, data, device)
@@ -148,7 +162,7 @@ def compress_trained(run) -> dict:
     """`alignkit train adapter=bitdelta`, after training: the trained model over a fresh load of its
     base -> final/ (only the artifact) and compress.json; returns summary numbers."""
     cfg, started = run.cfg, time.perf_counter()
-    data = split_data(cfg, run.tokenizer, load_rows(cfg.data, cfg.train.seed))
+    data = split_data(cfg, run.tokenizer, load_rows(cfg.data, cfg.train.seed), run.run_dir)
     base, _, _ = load_base_model(cfg.model, cfg.adapter, run.device)
     delta, report = compress_models(cfg, base, run.model, run.tokenizer, data, run.device)
     info = _info(cfg, run.model_dir, f"{run.run_dir} (trained)", next(base.parameters()).dtype)

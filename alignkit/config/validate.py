@@ -34,8 +34,8 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
         _require(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
         for key in ("ppo_epochs", "num_minibatches", "max_new_tokens", "sample_every"):
             _require(m[key] >= 1, f"method.{key}", m[key], "must be >= 1")
-        _require(t.batch_size % m.num_minibatches == 0, "method.num_minibatches", m.num_minibatches,
-                 f"must divide train.batch_size={t.batch_size}")
+        _require(m.num_minibatches <= t.batch_size, "method.num_minibatches", m.num_minibatches,
+                 f"must be <= train.batch_size={t.batch_size} (rollouts per step)")
     if m.name == "rm":
         _require(m.center_coef >= 0, "method.center_coef", m.center_coef, "must be >= 0")
     if a.name in ("lora", "qlora"):
@@ -102,6 +102,9 @@ def _validate_processes(cfg: DictConfig) -> None:
     _require(cfg.nproc >= 1, "nproc", cfg.nproc, "must be >= 1")
     if cfg.train.strategy.value != "fsdp":
         return
+    if cfg.train.precision.value == "fp16":
+        raise UsageError("train.precision=fp16 does not run with train.strategy=fsdp (the fp16 gradient scaler "
+                         "would decide on each process's own shard): use train.precision=bf16")
     if cfg.method.name == "ppo":
         raise UsageError("method=ppo does not run with train.strategy=fsdp (rollouts generate on each process "
                          "alone, which sharded weights do not allow): use train.strategy=ddp")

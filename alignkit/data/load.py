@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -33,6 +32,11 @@ def read_with_datasets(source: str, builder: str | None) -> list[Row]:
     """.json/.parquet files and hub datasets, through the datasets library."""
     import datasets
 
+    from ..models.hub import hub_offline, offline_hint
+
+    hub = builder is None
+    if hub:
+        hub_offline()  # no hub: the local datasets cache only, at once
     try:
         if builder:
             ds = datasets.load_dataset(builder, data_files=source, split="train")
@@ -40,6 +44,8 @@ def read_with_datasets(source: str, builder: str | None) -> list[Row]:
             ds = datasets.load_dataset(source, split="train")
     except Exception as exc:  # datasets raises many types (connection, schema, file format)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if hub and hub_offline():
+            raise UsageError(f"cannot load data '{source}'{offline_hint(source)}") from exc
         raise UsageError(f"cannot load data '{source}': {first}") from exc
     return [(f"{source} row {i + 1}", dict(row)) for i, row in enumerate(ds)]
 
@@ -68,14 +74,3 @@ def load_rows(data: DictConfig, seed: int) -> list[Row]:
         raise UsageError(f"data: no rows in {data.path or data.task}: add rows in TRL's format "
                          f"(a .jsonl file has one JSON object per line)")
     return rows
-
-
-def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random `fraction` of the items is held out (at least one if fraction > 0); both parts keep
-    the file order (training shuffles per epoch unless train.shuffle=false)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(round(len(items) * fraction), 1 if fraction > 0 else 0), len(items) - 1)
-    train = [items[i] for i in sorted(order[: len(items) - n_eval])]
-    held = [items[i] for i in sorted(order[len(items) - n_eval:])]
-    return train, held

@@ -114,7 +114,7 @@ def encode_rows(tokenizer, rows, data, kind: str, completion_only: bool = True) 
     """Encode every row; rows whose prompt leaves no room for a completion are dropped, and so are
     preference pairs whose chosen and rejected tokens are the same (they carry no preference)."""
     out, same = [], []
-    for where, row in rows:
+    for source, (where, row) in enumerate(rows):
         if kind == "preference":
             ex = encode_preference(tokenizer, where, row, data)
         else:
@@ -122,6 +122,7 @@ def encode_rows(tokenizer, rows, data, kind: str, completion_only: bool = True) 
         if ex is not None and kind == "preference" and ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
             same.append(where)
         elif ex is not None:
+            ex["source"] = source  # the row's place in `rows`: the held-out split is over rows (data/split.py)
             out.append(ex)
     if same and not out:
         raise UsageError(f"data: 'chosen' equals 'rejected' in every row (e.g. {same[0]}), so there is no "

@@ -15,11 +15,14 @@ from ..config.compose import check_overrides, compose_config
 from ..config.schema import DPOLoss, DPOMethod
 from ..config.validate import validate
 from ..data.collate import collate_preference
-from ..data.load import load_rows, split_eval
+from ..data.load import load_rows
+from ..data.split import held_out_rows, split_items
 from ..data.tasks import TASKS
 from ..data.tokenize import encode_rows
 from ..errors import UsageError
-from ..models.load import load_base_model, load_run, pick_device
+from ..models.cache import cache_root
+from ..models.fingerprint import weights_fingerprint
+from ..models.load import base_model_cfg, load_base_model, load_run, pick_device
 from ..stages import dpo, rm
 from ..stages.checkpoint import atomic_json
 from ..stages.dist import StageForward
@@ -49,10 +52,11 @@ def target(args: list[str]):
     return model, tokenizer, cfg, Path(runs[0])
 
 
-def held_out(cfg: DictConfig) -> tuple[list, list]:
-    """(train rows, held-out rows) split as training split them (all rows if eval_fraction is 0)."""
+def held_out(cfg: DictConfig, run_dir: Path | None = None) -> tuple[list, list]:
+    """(train rows, held-out rows): the rows a run recorded as held out, else the seeded split of the raw rows
+    (all rows if eval_fraction is 0)."""
     rows = load_rows(cfg.data, cfg.train.seed)
-    train, held = split_eval(rows, cfg.data.eval_fraction, cfg.train.seed)
+    train, held = split_items(rows, held_out_rows(rows, cfg.data.eval_fraction, cfg.train.seed, run_dir))
     return (train, held) if held else (rows, rows)
 
 
@@ -70,10 +74,13 @@ def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
         method = OmegaConf.structured(DPOMethod(name="dpo", beta=beta, loss=DPOLoss.sigmoid, label_smoothing=0.0,
                                                 gamma=0.0, precompute_ref=False))
         step = partial(dpo.dpo_step, method=method)
-        if not hasattr(model, "disable_adapter"):  # full fine-tune: the reference is the base checkpoint
-            base, _, _ = load_base_model(cfg.model, cfg.adapter, device)
+        if not hasattr(model, "disable_adapter"):  # full fine-tune: the reference is the model it started from
+            base, _, _ = load_base_model(base_model_cfg(cfg), cfg.adapter, device)
+            # a run's reference cache lives in its run dir; a plain model's in the alignkit cache (keyed by the
+            # weights, precision and tokens, so another model or data set never reads it)
+            folder = run_dir if run_dir is not None else cache_root() / "reference" / weights_fingerprint(base)
             dpo.precompute_reference(base, examples, collate, cfg.train.eval_batch_size, device,
-                                     cfg.train.precision.value, Path(run_dir or ".") / "eval_ref_logps.safetensors")
+                                     cfg.train.precision.value, Path(folder) / "eval_ref_logps.safetensors")
             del base
     return {k.removeprefix("eval/"): v for k, v in evaluate(StageForward(model, step), examples, collate, cfg, device).items()}
 
@@ -124,7 +131,7 @@ def kl_metrics(model, tokenizer, cfg, rows) -> dict:
 
 def run_eval(args: list[str]) -> dict:
     model, tokenizer, cfg, run_dir = target(args)
-    _, rows = held_out(cfg)
+    _, rows = held_out(cfg, run_dir)
     result = {"method": cfg.method.name, "adapter": cfg.adapter.name, "rows": len(rows)}
     result.update(preference_metrics(model, tokenizer, cfg, rows, run_dir))
     gold, samples = gold_metrics(model, tokenizer, cfg, rows)
@@ -137,10 +144,10 @@ def run_eval(args: list[str]) -> dict:
 
 
 def run_generate(args: list[str]) -> list[dict]:
-    model, tokenizer, cfg, _ = target(args)
+    model, tokenizer, cfg, run_dir = target(args)
     device = next(model.parameters()).device
     prompts = list(cfg.sample.prompts) if cfg.sample.prompts else \
-        [r["prompt"] for _, r in held_out(cfg)[1]][: cfg.sample.num_prompts]
+        [r["prompt"] for _, r in held_out(cfg, run_dir)[1]][: cfg.sample.num_prompts]
     outputs = generate(model, tokenizer, prompts, cfg.sample, device, cfg.train.seed)
     records = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
     for record in records:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from ..adapters import WEIGHT_ADAPTERS
 from ..errors import UsageError
 from .cache import cached, fetch_smollm2, gguf_entry
+from .hub import hub_offline, offline_hint
 from .tiny import save_tiny
 
 BUILTIN = {
@@ -108,20 +109,24 @@ def load_base_model(model_cfg: DictConfig, adapter: DictConfig, device: torch.de
     hf_logging.set_verbosity_error()  # the load report lists the head swap as missing/unexpected keys
     source = resolve_model_dir(model_cfg.path)
     check_pickle(source, model_cfg.allow_pickle)
-    kwargs = dict(trust_remote_code=model_cfg.trust_remote_code,
+    hub = not Path(source).is_dir()
+    kwargs = dict(trust_remote_code=model_cfg.trust_remote_code, local_files_only=hub and hub_offline(),
                   # True: transformers itself refuses pickles (a hub id's files are not listed here)
                   use_safetensors=None if model_cfg.allow_pickle else True,
                   dtype=resolve_dtype(model_cfg.dtype.value, device, full_weights=adapter.name in WEIGHT_ADAPTERS))
     if adapter.name == "qlora":
         kwargs.update(quantization_config=quantization_config(adapter, device, sharded), device_map={"": str(device)})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
+                                                  local_files_only=kwargs["local_files_only"])
         if head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         hint = PICKLE_HINT if not model_cfg.allow_pickle and "safetensors" in str(exc) else ""
+        if hub and kwargs["local_files_only"]:
+            raise UsageError(f"cannot load model '{model_cfg.path}'{offline_hint(model_cfg.path)}") from exc
         raise UsageError(f"cannot load model '{model_cfg.path}': {str(exc).splitlines()[0]}{hint}") from exc
     except SafetensorError as exc:
         raise UsageError(f"model.path: the safetensors weights in {source} are corrupt or truncated "

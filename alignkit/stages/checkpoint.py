@@ -101,8 +101,8 @@ def _join_optimizer(tensors: dict, meta: dict, params: list) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Every process calls it (FSDP gathers shards); rank 0 writes."""
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: dict, scaler=None) -> None:
+    """Every process calls it (FSDP gathers shards); rank 0 writes. scaler: fp16's gradient scaler, if any."""
     weights = trainable_state(model)
     tensors, meta = _split_optimizer(optimizer)
     if not dist.is_main():
@@ -117,13 +117,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, extra: d
         save_file(rng, tmp / "rng.safetensors")
         state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(),
                  "python_rng": random.getstate(), **extra}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         (tmp / "state.json").write_text(json.dumps(state, default=str))
 
     atomic_dir(path, write)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return state.json."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dict:
+    """Restore weights, optimizer, scheduler, RNG (and fp16's gradient scaler); return state.json."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "trainable.safetensors")
@@ -136,6 +138,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's ids
     optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"], ordered))
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
-from ..launch import several_processes
+from ..launch import under_launcher
 from .packed import causal_lm
 
 
@@ -24,6 +24,11 @@ def world() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def distributed() -> bool:
+    """Under torchrun (a process group), even with one process."""
+    return dist.is_initialized()
 
 
 def is_main() -> bool:
@@ -41,7 +46,7 @@ def setup() -> torch.device:
             raise UsageError(f"LOCAL_RANK={device.index} but this machine has {torch.cuda.device_count()} GPU(s): "
                              f"start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(device)
-    if several_processes() and not dist.is_initialized():
+    if under_launcher() and not dist.is_initialized():  # also a one-process torchrun: FSDP then runs as such
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device
@@ -150,9 +155,7 @@ def wrap(model, loss_fn, strategy: str, device: torch.device) -> torch.nn.Module
     virtual tokens); its parameters become DTensors in place, so the optimizer is made after this.
     """
     forward = StageForward(model, loss_fn)
-    if world() == 1:
-        return forward
-    if strategy == "fsdp":
+    if strategy == "fsdp" and dist.is_initialized():  # one process under torchrun included: one shard each
         from torch.distributed.fsdp import fully_shard
 
         for module in model.modules():
@@ -163,6 +166,8 @@ def wrap(model, loss_fn, strategy: str, device: torch.device) -> torch.nn.Module
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(forward)
+        return forward
+    if world() == 1:
         return forward
     from torch.nn.parallel import DistributedDataParallel
 

@@ -2,11 +2,13 @@
 
 The reference is the same model with its adapters disabled. With no adapter to
 disable (adapter=full or bitdelta), or with method.precompute_ref=true, the reference
-log-probs are computed once before the first step and cached in the run dir
-(ref_logps.safetensors), so a resumed run reuses them. SimPO has no reference.
+log-probs are computed once before the first step, by the same forward as the live
+reference, and cached in the run dir (ref_logps.safetensors, keyed by the reference
+weights, the precision and the tokens), so a resumed run reuses them. SimPO has no reference.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from functools import partial
@@ -18,15 +20,26 @@ from safetensors.torch import load_file, save_file
 from ..adapters import WEIGHT_ADAPTERS
 from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
+from ..models.fingerprint import weights_fingerprint
 from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
 from .common import autocast, packing, sequence_logps, to_device
+
+
+def adapters_off(model):
+    """The reference: the model with its adapters (LoRA, virtual tokens) switched off; a model without
+    adapters (full, bitdelta before training) is its own reference."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def live_reference_logps(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad(), adapters_off(model):
+        return sequence_logps(model, batch)[0]
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
     if "ref_chosen" in batch:
         return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
-    with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, batch)[0]
+    return live_reference_logps(model, batch)
 
 
 def preference_losses(method, policy, tokens, ref, n: int):
@@ -65,8 +78,10 @@ def needs_precomputed_reference(cfg) -> bool:
     return cfg.method.precompute_ref or cfg.adapter.name in WEIGHT_ADAPTERS
 
 
-def _fingerprint(examples: list) -> str:
-    h = hashlib.sha256()
+def reference_key(model, examples: list, precision: str) -> str:
+    """What the reference log-probs depend on: the weights the reference runs on, the precision, the tokens."""
+    h = hashlib.sha256(f"{weights_fingerprint(model, skip_trainable=hasattr(model, 'disable_adapter'))}|"
+                       f"{precision}".encode())
     for e in examples:
         h.update(str((e["chosen"]["input_ids"], e["rejected"]["input_ids"])).encode())
     return h.hexdigest()
@@ -74,22 +89,25 @@ def _fingerprint(examples: list) -> str:
 
 def precompute_reference(model, examples: list, collate, batch_size: int, device, precision: str,
                          cache: Path) -> None:
-    """Store ref_chosen / ref_rejected in each example: from the cache, or from the model as it is now."""
-    key = _fingerprint(examples)
+    """Store ref_chosen / ref_rejected in each example: from the cache when its key matches, else from the
+    live reference forward (adapters off) of the model as it is now."""
+    key = reference_key(model, examples, precision)
     if cache.exists():
         saved = load_file(cache)
         if saved["fingerprint"].numpy().tobytes().decode() == key:
             for e, c, r in zip(examples, saved["chosen"].tolist(), saved["rejected"].tolist()):
                 e["ref_chosen"], e["ref_rejected"] = c, r
             return
+    was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast(precision, device):
+    with autocast(precision, device):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            batch = to_device(collate(chunk), device)
-            lp = sequence_logps(model, batch)[0]
+            lp = live_reference_logps(model, to_device(collate(chunk), device))
             for j, e in enumerate(chunk):
                 e["ref_chosen"], e["ref_rejected"] = float(lp[j]), float(lp[len(chunk) + j])
+    model.train(was_training)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")  # renamed into place: a kill never leaves a torn cache
     save_file({"chosen": torch.tensor([e["ref_chosen"] for e in examples]),
                "rejected": torch.tensor([e["ref_rejected"] for e in examples]),

@@ -57,12 +57,15 @@ def is_finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def count_step(counts: dict, ok: bool, step: int, limit: int, run_dir: Path) -> None:
-    """Count a skipped (not ok) step; raise after `limit` in a row, naming the checkpoint that is kept."""
+def count_step(counts: dict, ok: bool, step: int, limit: int, run_dir: Path, overflow: bool = False) -> None:
+    """Count a skipped (not ok) step; raise after `limit` in a row, naming the checkpoint that is kept.
+    overflow: the fp16 gradient scaler skipped it while finding its scale: counted, not a bad streak."""
     if ok:
         counts["bad_streak"] = 0
         return
     counts["skipped_steps"] += 1
+    if overflow:
+        return
     counts["bad_streak"] += 1
     if dist.is_main():
         print(f"alignkit: step {step}: NaN/inf loss or gradient, step skipped "

@@ -60,7 +60,16 @@ def step_windows(examples, train, per_epoch: int, start: int, total: int, rank: 
         yield step, epoch, [dist.share(b, rank, world) for b in batches[i:i + train.grad_accum]]
 
 
-def run_batches(forward, micro: list, collate, precision: str, device, backward: bool) -> dict:
+def make_scaler(precision: str, device: torch.device):
+    """fp16: a gradient scaler (small fp16 gradients underflow to 0 unscaled); None for fp32/bf16."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def run_batches(forward, micro: list, collate, precision: str, device, backward_pass: bool, scaler=None) -> dict:
     """forward(batch, global count) over this process's micro-batches, with backward for training;
     returns the global sums: loss, stats per unit, _tokens, _samples.
 
@@ -74,8 +83,8 @@ def run_batches(forward, micro: list, collate, precision: str, device, backward:
         with dist.sync_gradients(forward, i == len(batches) - 1):
             with autocast(precision, device):
                 loss, stats = forward(batch, denom)
-            if backward:
-                (loss * (dist.world() if real else 0.0)).backward()
+            if backward_pass:
+                backward(loss * (dist.world() if real else 0.0), scaler)
         # a stand-in adds zeros (not its numbers times 0, which a NaN would survive): same keys everywhere
         sums["loss"] += float(loss.detach()) if real else 0.0
         for k, v in stats.items():
@@ -95,22 +104,30 @@ def evaluate(forward, examples, collate, cfg, device) -> dict:
     size = cfg.train.eval_batch_size * dist.world()
     micro = [dist.share(examples[i:i + size], dist.rank(), dist.world()) for i in range(0, len(examples), size)]
     with torch.no_grad():
-        sums = run_batches(forward, micro, collate, cfg.train.precision.value, device, backward=False)
+        sums = run_batches(forward, micro, collate, cfg.train.precision.value, device, backward_pass=False)
     return {f"eval/{k}": v for k, v in sums.items() if not k.startswith("_")}
 
 
-def optimizer_step(optimizer, scheduler, params, max_grad_norm: float, loss: float) -> tuple[float, bool]:
-    """Clip, step (skipped when the loss or gradient is NaN/inf), advance the schedule: (grad_norm, ok)."""
+def optimizer_step(optimizer, scheduler, params, max_grad_norm: float, loss: float,
+                   scaler=None) -> tuple[float, bool, bool]:
+    """Unscale (fp16), clip, step (skipped when the loss or gradient is NaN/inf), advance the schedule:
+    (grad_norm, ok, overflow). overflow: the fp16 scaler's own skip (finite loss, inf gradient while the
+    scale is still being found), which lowers the scale and is counted, but is not a sign of divergence."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     ok = is_finite(loss, grad_norm)
+    overflow = scaler is not None and not ok and is_finite(loss) and scaler.get_scale() > 1.0
     if ok:
-        optimizer.step()
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+    if scaler is not None:
+        scaler.update()
     with warnings.catch_warnings():  # a skipped first step: "lr_scheduler.step() before optimizer.step()"
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, ok
+    return grad_norm, ok, overflow
 
 
 def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_dir: Path, device) -> dict:
@@ -122,10 +139,11 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
     per_epoch, total = plan_steps(len(train_examples), t, dist.world())
     scheduler = get_scheduler(t.schedule.value, optimizer, num_warmup_steps=int(t.warmup_ratio * total),
                               num_training_steps=total)
+    scaler = make_scaler(t.precision.value, device)
     start, counts = 0, new_counts()
     resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
         start = state["step"]
         counts = {k: state.get(k, 0) for k in counts}  # checkpoints older than the counters have none
         if dist.is_main():
@@ -135,7 +153,7 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
 
     def save(done: int, epoch: int) -> Path:
         path = run_dir / "checkpoints" / f"step-{done}"
-        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, **counts})
+        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, **counts}, scaler)
         if dist.is_main():
             prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
@@ -149,11 +167,12 @@ def train_loop(cfg, model, train_examples, eval_examples, collate, loss_fn, run_
         for step, epoch, micro in step_windows(train_examples, t, per_epoch, start, total, dist.rank(), dist.world()):
             forward.train()
             t0 = time.perf_counter()
-            sums = run_batches(forward, micro, collate, t.precision.value, device, backward=True)
+            sums = run_batches(forward, micro, collate, t.precision.value, device, True, scaler)
             sums["lr"] = scheduler.get_last_lr()[0]
-            sums["grad_norm"], ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, sums["loss"])
+            sums["grad_norm"], ok, overflow = optimizer_step(optimizer, scheduler, params, t.max_grad_norm,
+                                                             sums["loss"], scaler)
             done = step + 1
-            count_step(counts, ok, done, t.max_bad_steps, run_dir)
+            count_step(counts, ok, done, t.max_bad_steps, run_dir, overflow)
             if ok:  # a skipped step's NaNs stay out of the logged means
                 for k, v in sums.items():
                     window[k] += v

@@ -34,7 +34,7 @@ from . import dist
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import autocast, make_optimizer
 from .faults import catch_sigint, count_step, new_counts, stop_if_interrupted
-from .loop import log_file, micro_batches, optimizer_step, resume_point
+from .loop import backward, log_file, make_scaler, micro_batches, optimizer_step, resume_point
 from .progress import progress_bar
 from .resources import peak_memory_mb
 from .rundir import truncate_jsonl
@@ -47,10 +47,10 @@ def encode_prompts(tokenizer, rows, data, max_new_tokens: int) -> list[dict]:
         raise UsageError(f"data.max_length={data.max_length} leaves no room for a prompt before "
                          f"method.max_new_tokens={max_new_tokens}")
     out = []
-    for where, row in rows:
+    for source, (where, row) in enumerate(rows):
         if row.get("prompt") is None:
             raise UsageError(f"{where}: a PPO row needs a 'prompt' (found: {', '.join(row) or 'nothing'})")
-        out.append({"prompt_ids": encode_prompt(tokenizer, row["prompt"])[-keep:], "row": row})
+        out.append({"prompt_ids": encode_prompt(tokenizer, row["prompt"])[-keep:], "row": row, "source": source})
     return out
 
 
@@ -148,7 +148,7 @@ def minibatch_loss(model, mb: dict, denominator: int, method):
 
 
 def ppo_update(forward, batch: dict, optimizer, scheduler, params, cfg, device, generator,
-               rows: int) -> tuple[dict, bool]:
+               rows: int, scaler=None) -> tuple[dict, bool]:
     """method.ppo_epochs passes of num_minibatches clipped updates over one rollout batch.
 
     forward: dist.wrap(model, minibatch_loss); rows: this process's real rollouts (0 for a stand-in),
@@ -159,24 +159,31 @@ def ppo_update(forward, batch: dict, optimizer, scheduler, params, cfg, device, 
     advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
     if m.whiten_advantages:
         advantages = whiten(advantages, mask)
-    size = len(mask) // m.num_minibatches
-    scale = dist.world() * rows / dist.all_sum({"rows": rows})["rows"]  # DDP averages: 1 with equal shares
     stats: dict[str, float] = defaultdict(float)
     updates = skipped = 0
     for _ in range(m.ppo_epochs):
         order = torch.randperm(len(mask), generator=generator).to(device)
-        for k in range(m.num_minibatches):
-            idx = order[k * size:(k + 1) * size]
+        # every row in every epoch: minibatch sizes differ by at most one (a short last batch included);
+        # an empty one (fewer rows than minibatches) runs a stand-in row weighted 0, so every process
+        # makes the same optimizer steps and collectives
+        for idx in torch.tensor_split(order, m.num_minibatches):
+            real = len(idx) if rows else 0
+            global_rows = dist.all_sum({"rows": real})["rows"]
+            if global_rows == 0:  # more minibatches than rows on every process: nothing to update on
+                continue
+            idx = idx if len(idx) else order[:1]
+            scale = dist.world() * real / global_rows  # DDP averages the processes' gradients: weight by rows
             mb = {"ids": batch["ids"][idx], "attn": batch["attn"][idx], "logp": batch["logp"][idx],
                   "values": batch["values"][idx], "advantages": advantages[idx], "returns": returns[idx],
                   "mask": mask[idx]}
             with autocast(t.precision.value, device):
                 loss, mb_stats = forward(mb, 1)
-            (loss * scale).backward()
+            backward(loss * scale, scaler)
             lr = scheduler.get_last_lr()[0]
-            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, rows)
-            grad_norm, ok = optimizer_step(optimizer, scheduler, params, t.max_grad_norm, mb_stats["loss"])
-            skipped += not ok
+            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, real)
+            grad_norm, ok, overflow = optimizer_step(optimizer, scheduler, params, t.max_grad_norm,
+                                                     mb_stats["loss"], scaler)
+            skipped += not ok and not overflow
             if not ok:
                 continue
             for key, value in mb_stats.items():
@@ -217,12 +224,15 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
     updates_per_step = m.ppo_epochs * m.num_minibatches
     scheduler = get_scheduler(t.schedule.value, optimizer, num_training_steps=total * updates_per_step,
                               num_warmup_steps=int(t.warmup_ratio * total * updates_per_step))
+    scaler = make_scaler(t.precision.value, device)
     start, kl_coef, counts = 0, m.kl_coef, new_counts()
     resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
         start, kl_coef = state["step"], state["kl_coef"]
         counts = {k: state.get(k, 0) for k in counts}
+        if dist.is_main():
+            print(f"alignkit: resumed from {resume_from} (step {start})")
     if cfg.run.resume is not False and dist.is_main():
         for log in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(run_dir / log, start)
@@ -231,7 +241,8 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
 
     def save(done: int, epoch: int) -> Path:
         path = run_dir / "checkpoints" / f"step-{done}"
-        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, "kl_coef": kl_coef, **counts})
+        save_checkpoint(path, model, optimizer, scheduler, done, {"epoch": epoch, "kl_coef": kl_coef, **counts},
+                        scaler)
         if dist.is_main():
             prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
@@ -248,7 +259,8 @@ def train_ppo(cfg, model, tokenizer, examples: list, reward_fn, run_dir: Path, d
             batch_examples, rows = dist.share(prompts, rank, world)
             generator.manual_seed(t.seed * 100003 + step)  # minibatch order = f(seed, step): exact resume
             batch = rollout(model, tokenizer, batch_examples, reward_fn, m, t.precision.value, device, kl_coef)
-            stats, ok = ppo_update(forward, batch, optimizer, scheduler, params, cfg, device, generator, rows)
+            stats, ok = ppo_update(forward, batch, optimizer, scheduler, params, cfg, device, generator, rows,
+                                   scaler)
             count_step(counts, ok, step + 1, t.max_bad_steps, run_dir)
             metrics = rollout_metrics(batch, kl_coef)
             elapsed = time.perf_counter() - t0

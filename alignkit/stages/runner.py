@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import attach_adapter
-from ..data.load import split_eval
+from ..data.split import HELD_OUT, held_out_places, record, split_items
 from ..errors import io_error
 from ..models.load import base_model_cfg, load_base_model, resolve_model_dir
 from ..config.rules import HEAD
@@ -26,7 +26,7 @@ from .rundir import preflight, replacing
 from .checkpoint import atomic_json, atomic_text, save_final
 from .common import disable_dropout
 from .events import require_tensorboard, write_events
-from .loop import train_loop
+from .loop import plan_steps, train_loop
 from .progress import print_table
 from .resources import return_freed_memory
 
@@ -56,6 +56,7 @@ class Run:
     eval_examples: list
     collate: Callable | None  # None for ppo, which makes its own batches
     step_fn: Callable | None
+    held_out: dict  # heldout.json: which raw rows were held out
     reward_fn: Callable | None = None  # ppo: (rows, texts) -> scores; default from cfg.reward
 
 
@@ -74,17 +75,19 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     head = HEAD.get(cfg.method.name, "lm")
     # with policy.init the SFT policy becomes the base: the reference (adapters off) is then the SFT model
     dist.main_first(lambda: resolve_model_dir(base_model_cfg(cfg).path))  # one process fills the model cache
-    sharded = cfg.train.strategy.value == "fsdp" and dist.world() > 1
+    sharded = cfg.train.strategy.value == "fsdp" and dist.distributed()
     model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), cfg.adapter, device, head, sharded)
     if cfg.method.name == "ppo" and cfg.reward.kind == "model":
         reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
     examples, collate, step_fn = STAGES[cfg.method.name](cfg, tokenizer, rows)
-    train_examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    held = held_out_places(len(rows), cfg.data.eval_fraction, cfg.train.seed)  # over the raw rows
+    train_examples, eval_examples = split_items(examples, held, place=lambda i, e: e["source"])
     if cfg.train.disable_dropout:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
     model = attach_adapter(model, cfg.adapter, cfg.train, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
-    return Run(cfg, run_dir, device, model, tokenizer, model_dir, train_examples, eval_examples, collate, step_fn)
+    return Run(cfg, run_dir, device, model, tokenizer, model_dir, train_examples, eval_examples, collate, step_fn,
+               record(rows, held, cfg.data.eval_fraction, cfg.train.seed))
 
 
 def execute(run: Run, started: float | None = None) -> dict:
@@ -104,6 +107,7 @@ def _execute(run: Run, started: float) -> dict:
         except OSError as exc:
             raise io_error(exc, run_dir) or exc
         atomic_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_json(run_dir / HELD_OUT, run.held_out)
     if cfg.method.name == "dpo" and dpo.needs_precomputed_reference(cfg):
         # one pass before training; no reference forward (or second model copy) while training;
         # rank 0 writes the cache, the other processes then read it
@@ -116,7 +120,8 @@ def _execute(run: Run, started: float) -> dict:
     if dist.is_main():
         print(f"alignkit: {cfg.method.name} + {cfg.adapter.name} on {cfg.model.path}{start} ({run.device.type}"
               f"{processes}), {trainable:,} of {total:,} parameters trainable, {len(run.train_examples)} train / "
-              f"{len(run.eval_examples)} eval rows -> {run_dir}", file=sys.stderr)
+              f"{len(run.eval_examples)} eval rows, {steps_text(cfg, len(run.train_examples))} -> {run_dir}",
+              file=sys.stderr)
     if cfg.method.name == "ppo":
         reward_fn = run.reward_fn or make_reward(cfg, model, run.tokenizer, run.model_dir)
         final = ppo.train_ppo(cfg, model, run.tokenizer, run.train_examples, reward_fn, run_dir, run.device)
@@ -125,7 +130,7 @@ def _execute(run: Run, started: float) -> dict:
                            run.device)
     final.update(FINISH.get(cfg.adapter.name, save_model)(run))
     summary = {**final, "trainable_params": trainable, "total_params": total, "device": run.device.type,
-               "processes": dist.world(), "strategy": cfg.train.strategy.value if dist.world() > 1 else None,
+               "processes": dist.world(), "strategy": cfg.train.strategy.value if dist.distributed() else None,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
                "run_dir": str(run_dir)}
     if dist.is_main():
@@ -133,6 +138,17 @@ def _execute(run: Run, started: float) -> dict:
             write_events(run_dir)
         atomic_json(run_dir / "summary.json", summary)
     return summary
+
+
+def steps_text(cfg: DictConfig, n_rows: int) -> str:
+    """How long the run is: optimizer steps and epochs, and which key decided it (max_steps wins, as in HF)."""
+    t = cfg.train
+    per_epoch, total = plan_steps(n_rows, t, dist.world())
+    epochs = total / max(per_epoch, 1)
+    text = f"{total} steps = {epochs:.3g} epochs"
+    if t.max_steps > 0 and total != per_epoch * t.epochs:
+        text += f" (train.max_steps={t.max_steps} overrides train.epochs={t.epochs}; train.max_steps=-1 runs epochs)"
+    return text
 
 
 def save_model(run: Run) -> dict:
