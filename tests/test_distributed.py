@@ -109,8 +109,8 @@ def test_only_rank_zero_writes_the_run(runs):
     run = root / "ddp"
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 5]  # 5 steps + the eval line, once each
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl",
-                                                     "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "final", "heldout.json",
+                                                     "metrics.jsonl", "summary.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["processes"], summary["strategy"]) == (2, "ddp")
