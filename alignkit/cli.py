@@ -76,8 +76,10 @@ def _list() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .adapters import ADAPTERS
     from .config.compose import group_options
-    from .config.rules import VALID
+    from .methods import METHODS, compose
+    from .recipe.plan import load_recipe, recipe_names
 
     console = Console()
     groups = Table(title="config groups (choose with GROUP=OPTION)")
@@ -86,16 +88,21 @@ def _list() -> int:
     for group, options in group_options().items():
         groups.add_row(group, ", ".join(options))
     console.print(groups)
-    adapters = sorted({a for pair in VALID.values() for a in pair})
+    methods = Table(title="methods")
+    for column in ("method", "data", "model", "reference", "loop", "headline metrics"):
+        methods.add_column(column)
+    for m in METHODS.values():
+        defaults = compose([f"method={m.name}"]).method  # its YAML's values (simpo: no reference)
+        methods.add_row(m.name, m.data, m.head, "adapters off" if m.reference(defaults) else "-",
+                        "online" if m.online else "offline", ", ".join(m.metrics))
+    console.print(methods)
     grid = Table(title="valid method x adapter pairs")
     grid.add_column("method")
-    for a in adapters:
+    for a in ADAPTERS:
         grid.add_column(a, justify="center")
-    for method, allowed in VALID.items():
-        grid.add_row(method, *("yes" if a in allowed else "-" for a in adapters))
+    for m in METHODS.values():
+        grid.add_row(m.name, *("yes" if a in m.adapters else "-" for a in ADAPTERS))
     console.print(grid)
-    from .recipe.plan import load_recipe, recipe_names
-
     recipes = Table(title="recipes (alignkit recipe NAME)")
     recipes.add_column("recipe")
     recipes.add_column("stages")
@@ -110,8 +117,8 @@ def _list() -> int:
 def _train(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from .config.compose import check_overrides, compose_config, expand_sweeps
-    from .config.validate import validate
+    from .config.compose import check_overrides, expand_sweeps
+    from .methods import compose, validate
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     show_cfg = "--cfg" in args
@@ -122,7 +129,7 @@ def _train(args: list[str]) -> int:
     check_overrides(overrides, multirun)
     jobs = expand_sweeps(overrides) if multirun else [overrides]
     # compose and validate every job before running any, so a bad value fails fast
-    cfgs = [compose_config(job) for job in jobs]
+    cfgs = [compose(job) for job in jobs]
     for cfg in cfgs:
         validate(cfg)
     base = cfgs[0].run.dir
@@ -139,18 +146,18 @@ def _train(args: list[str]) -> int:
         return spawn(args, cfgs, base)
     several = under_launcher()
     if several:  # started by torchrun: rank 0's run.dir (its ${now}) for all
-        from .stages import dist
+        from .session import dist
 
         dist.setup()
         for cfg in cfgs:
             cfg.run.dir = dist.broadcast(cfg.run.dir)
-    from .stages.rundir import preflight
+    from .session.rundir import preflight
 
     for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
         if multirun and _is_main():
             print(f"[job {i}] {' '.join(job)}", file=sys.stderr)
         rows = preflight(cfg)  # run dir and data checks fail before the training code is even imported
-        from .stages.runner import run_train
+        from .train import run_train
 
         try:
             run_train(cfg, rows)
@@ -181,8 +188,8 @@ def _compress(args: list[str]) -> int:
     """base=PATH finetuned=PATH are model.path and adapter.finetuned with adapter=bitdelta."""
     from omegaconf import OmegaConf
 
-    from .config.compose import check_overrides, compose_config
-    from .config.validate import validate
+    from .config.compose import check_overrides
+    from .methods import compose, validate
 
     if any(a in ("-m", "--multirun") for a in args):
         raise UsageError("compress runs one job: -m is not supported")
@@ -199,7 +206,7 @@ def _compress(args: list[str]) -> int:
         raise UsageError("compress makes BitDelta artifacts: adapter must be bitdelta")
     renamed = {"base": "model.path", "finetuned": "adapter.finetuned"}
     overrides = [f"{renamed[k]}={a.split('=', 1)[1]}" if k in renamed else a for k, a in zip(keys, overrides)]
-    cfg = compose_config(["adapter=bitdelta", "run.dir=runs/compress-${now:%Y%m%d-%H%M%S}", *overrides])
+    cfg = compose(["adapter=bitdelta", "run.dir=runs/compress-${now:%Y%m%d-%H%M%S}", *overrides])
     validate(cfg, verb="compress")
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))

@@ -36,3 +36,9 @@ def io_error(exc: OSError, what) -> UsageError | None:
     if advice is None:
         return None
     return UsageError(f"cannot write {what}: {exc.strerror or exc} ({advice})")
+
+
+def require(ok: bool, key: str, value, rule: str) -> None:
+    """A range check on a config value: one line naming the key, its value and the rule."""
+    if not ok:
+        raise UsageError(f"{key}={value} is out of range: {rule}")

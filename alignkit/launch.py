@@ -7,14 +7,8 @@ process writes the same `${now:...}` directory.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-
-
-def under_launcher() -> bool:
-    """This process was started by torchrun (or accelerate launch), even as its only process."""
-    return "LOCAL_RANK" in os.environ
 
 
 def torchrun_command(args: list[str], run_dir: str, nproc: int) -> list[str]:
@@ -30,8 +24,9 @@ def spawn(args: list[str], cfgs: list, run_dir: str) -> int:
     import torch
 
     from .errors import UsageError
-    from .models.load import base_model_cfg, resolve_model_dir
-    from .stages.rundir import preflight
+    from .models.load import resolve_model_dir
+    from .runs.read import base_model_cfg
+    from .session.rundir import preflight
 
     gpus = torch.cuda.device_count()
     if 0 < gpus < cfgs[0].nproc:  # on the CPU (gloo) any number of processes runs

@@ -51,8 +51,8 @@ def child(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data.tokenize import encode_pair
-    from alignkit.stages.common import sequence_logps
-    from alignkit.stages.resources import return_freed_memory
+    from alignkit.forward.logps import sequence_logps
+    from alignkit.session.resources import return_freed_memory
 
     if args.child != "padded":
         return_freed_memory()

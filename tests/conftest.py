@@ -34,12 +34,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def compose(*overrides: str):
-    from alignkit.config.compose import compose_config
-    from alignkit.config.validate import validate
+    from alignkit.methods import compose as compose_config, validate
 
     cfg = compose_config(list(overrides))
     validate(cfg)
     return cfg
+
+
+def patch_method(monkeypatch, name: str, **changes):
+    """Replace fields of a registered method's record for one test (e.g. its step)."""
+    from dataclasses import replace
+
+    from alignkit.methods import METHODS
+
+    monkeypatch.setitem(METHODS, name, replace(METHODS[name], **changes))
+    return METHODS[name]
 
 
 TINY = ("model=tiny", "data.task_size=24", "train.batch_size=2", "train.max_steps=2", "train.lr=1e-2",

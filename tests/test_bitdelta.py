@@ -202,7 +202,7 @@ def test_serving_switches_between_fine_tunes(tmp_path):
 # ---- stages and the CLI ---------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_train_bitdelta_trains_only_block_linears_and_writes_the_artifact(tmp_path, method):
-    from alignkit.stages.runner import execute, prepare_run
+    from alignkit.train import execute, prepare_run
 
     run = prepare_run(tiny_cfg(tmp_path, f"method={method}", "adapter=bitdelta", "adapter.distill_steps=3",
                                "adapter.gold_max_new_tokens=4"))

@@ -2,9 +2,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from alignkit.config.compose import compose_config, group_options
-from alignkit.config.rules import VALID, check_combination
-from alignkit.config.validate import validate
+from alignkit.adapters import ADAPTERS
+from alignkit.config.compose import group_options
+from alignkit.methods import METHODS, compose as compose_config, validate
 from alignkit.errors import UsageError
 
 # options that need a value only the user has
@@ -27,20 +27,17 @@ def test_groups_are_found():
 def test_every_yaml_composes_and_validates(group, option):
     overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
     if group == "adapter":
-        method = next(m for m, adapters in VALID.items() if option in adapters)
+        method = next(m for m, record in METHODS.items() if option in record.adapters)
         overrides += [f"method={method}", *METHOD_NEEDS.get(method, [])]
     cfg = compose_config(overrides)
     assert OmegaConf.missing_keys(cfg) == set()
     validate(cfg)
 
 
-ADAPTERS = sorted({a for adapters in VALID.values() for a in adapters})
-
-
-@pytest.mark.parametrize("method,adapter", [(m, a) for m in VALID for a in ADAPTERS])
+@pytest.mark.parametrize("method,adapter", [(m, a) for m in METHODS for a in ADAPTERS])
 def test_every_cell_of_the_table_validates_or_is_refused(method, adapter):
     cfg_overrides = [f"method={method}", f"adapter={adapter}", *METHOD_NEEDS.get(method, [])]
-    if adapter in VALID[method]:
+    if adapter in METHODS[method].adapters:
         validate(compose_config(cfg_overrides))
     else:
         with pytest.raises(UsageError, match="does not run with"):
@@ -48,8 +45,9 @@ def test_every_cell_of_the_table_validates_or_is_refused(method, adapter):
 
 
 def test_invalid_combination_is_a_usage_error():
-    with pytest.raises(UsageError, match="does not run with adapter=no-such-adapter"):
-        check_combination("dpo", "no-such-adapter")
+    cfg = compose_config(["method=rm", "adapter=bitdelta"])
+    with pytest.raises(UsageError, match="method=rm does not run with adapter=bitdelta"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -74,7 +72,7 @@ def test_typo_and_wrong_type_are_rejected_when_composing():
 
 def test_a_run_saved_before_newer_keys_existed_still_loads(tmp_path):
     """config.yaml of an older run lacks keys added since (model.allow_pickle, run.overwrite, ...)."""
-    from alignkit.config.compose import load_saved_config
+    from alignkit.methods import saved_config as load_saved_config
 
     old = OmegaConf.to_container(compose_config(["method=dpo", "model=tiny"]), enum_to_str=True)
     del old["model"]["allow_pickle"], old["train"]["max_bad_steps"], old["run"]["overwrite"]

@@ -128,7 +128,7 @@ def test_held_out_split_is_seeded_and_disjoint():
 
 
 def test_micro_batches_shuffle_per_epoch_or_keep_file_order():
-    from alignkit.stages.loop import micro_batches
+    from alignkit.session.batches import micro_batches
 
     assert micro_batches(list(range(10)), 4, 0, 0, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     e0, e1 = micro_batches(list(range(10)), 4, 0, 0), micro_batches(list(range(10)), 4, 0, 1)

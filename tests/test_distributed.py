@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.cli import main
-from alignkit.stages.dist import share
-from alignkit.stages.loop import plan_steps
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.session.dist import share
+from alignkit.session.batches import plan_steps
+from alignkit.train import execute, prepare_run
 
 from conftest import TINY, alignkit, metrics, tiny_cfg
 

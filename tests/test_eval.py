@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from alignkit.eval.reward import load_scorer
+from alignkit.runs.reward import load_scorer
 from alignkit.eval.run import run_eval, run_generate
-from alignkit.stages.common import last_token_scores
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.forward.scores import last_token_scores
+from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 from conftest import alignkit

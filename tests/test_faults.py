@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.cli import main
-from alignkit.stages.rundir import checkpoints
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.session.rundir import checkpoints
+from alignkit.train import execute, prepare_run
 
-from conftest import CMD, TINY, alignkit, compose, metrics, tiny_cfg
+from conftest import CMD, TINY, alignkit, compose, metrics, patch_method, tiny_cfg
 
 # 24 steps (two epochs of 12), a checkpoint after every step: a kill lands in or near a save
 RESUMABLE = [*TINY, "train.max_steps=24", "train.save_every=1", "train.keep_checkpoints=3", "data.eval_fraction=0"]
@@ -118,16 +118,16 @@ def test_ctrl_c_saves_a_checkpoint_and_the_hint_resumes_the_run(tmp_path):
 
 def poison(monkeypatch, bad_steps: set[int]):
     """The SFT loss becomes NaN on the given (1-based) optimizer steps; returns the call log."""
-    import alignkit.stages.sft as sft
+    from alignkit.methods import METHODS
 
-    real, calls = sft.sft_step, []
+    real, calls = METHODS["sft"].step, []
 
-    def step(model, batch, denominator):
+    def step(model, batch, denominator, method=None):
         calls.append(1)
         loss, stats = real(model, batch, denominator)
         return (loss * float("nan"), stats) if len(calls) in bad_steps else (loss, stats)
 
-    monkeypatch.setattr(sft, "sft_step", step)
+    patch_method(monkeypatch, "sft", step=step)
     return calls
 
 
@@ -160,7 +160,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_one_line_and_keep_the_checkpoint(
 
 
 def test_disk_full_while_saving_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
-    import alignkit.stages.checkpoint as checkpoint
+    import alignkit.session.checkpoint as checkpoint
 
     real = checkpoint.save_file
 
@@ -273,13 +273,13 @@ def test_pickled_weights_load_with_allow_pickle(tmp_path):
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save(load_file(tiny / "model.safetensors"), pickled / "pytorch_model.bin")
     cfg = tiny_cfg(tmp_path, f"model.path={pickled}", "model.allow_pickle=true")
-    model, _, _ = load_base_model(cfg.model, cfg.adapter, torch.device("cpu"))
+    model, _, _ = load_base_model(cfg.model, torch.device("cpu"))
     expected = load_file(tiny / "model.safetensors")["lm_head.weight"]
     torch.testing.assert_close(model.lm_head.weight.detach(), expected)
 
 
 def test_resume_drops_log_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path):
-    from alignkit.stages.rundir import truncate_jsonl
+    from alignkit.session.logs import truncate_jsonl
 
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
@@ -298,7 +298,7 @@ def test_loading_trusts_no_remote_code_and_no_pickles_unless_set(tmp_path, monke
         monkeypatch.setattr(cls, "from_pretrained",
                             classmethod(lambda c, *a, _real=real, **k: seen.append(k) or _real(c, *a, **k)))
     cfg = tiny_cfg(tmp_path)
-    load_base_model(cfg.model, cfg.adapter, torch.device("cpu"))
+    load_base_model(cfg.model, torch.device("cpu"))
     assert [k["trust_remote_code"] for k in seen] == [False, False]
     assert seen[1]["use_safetensors"] is True
 
@@ -307,7 +307,7 @@ def test_a_reward_model_on_another_base_with_the_same_tokenizer_is_accepted(tmp_
     from omegaconf import OmegaConf
 
     from alignkit.models.load import resolve_model_dir
-    from alignkit.stages.ppo_reward import reward_run
+    from alignkit.runs.reward import reward_run
 
     other_base = tmp_path / "copy_of_tiny"  # another model dir (so another base), the same vocabulary
     other_base.mkdir()

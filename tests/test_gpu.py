@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.train import execute, prepare_run
 
 from conftest import TINY, metrics, tiny_cfg
 
@@ -40,7 +40,7 @@ def test_auto_precision_is_bf16_autocast_and_close_to_fp32(tmp_path):
 def test_qlora_nf4_on_the_gpu_trains_and_reloads(tmp_path):
     import bitsandbytes as bnb
 
-    from alignkit.models.load import load_run
+    from alignkit.runs.read import load_run
 
     run = prepare_run(tiny_cfg(tmp_path, "method=dpo", "adapter=qlora", "data.eval_fraction=0"))
     quantised = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -59,7 +59,7 @@ def test_qlora_nf4_on_the_gpu_trains_and_reloads(tmp_path):
 def test_paged_adamw_8bit_steps_and_resumes(tmp_path):
     import bitsandbytes as bnb
 
-    from alignkit.stages import common
+    from alignkit.session import optim as common
 
     run = prepare_run(tiny_cfg(tmp_path, "method=sft", "train.optimizer=paged_adamw_8bit", "train.max_steps=4",
                                "train.save_every=2", "data.eval_fraction=0"))

@@ -7,7 +7,7 @@ import pytest
 from alignkit.data.load import load_rows
 from alignkit.errors import UsageError
 from alignkit.eval.run import held_out, run_eval
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 

@@ -20,8 +20,8 @@ def test_wheel_ships_configs_and_composes_from_an_install(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # run from the extracted wheel only (no checkout on the path), as an installed package would
-    code = ("import alignkit, sys; from alignkit.config.compose import compose_config; "
-            "cfg = compose_config(['method=dpo', 'adapter=qlora']); "
+    code = ("import alignkit, sys; from alignkit.methods import compose; "
+            "cfg = compose(['method=dpo', 'adapter=qlora']); "
             "from alignkit.recipe.plan import plan_recipe; _, stages = plan_recipe('rlhf', ['model=tiny']); "
             "assert [s.name for s in stages] == ['sft', 'rm', 'ppo']; "
             "assert alignkit.__file__.startswith(sys.argv[1]), alignkit.__file__; print(cfg.method.beta)")

@@ -8,8 +8,8 @@ import torch
 
 from alignkit.data.collate import collate_preference, collate_sft
 from alignkit.data.packing import first_fit, pack, unit_places
-from alignkit.stages.common import counted_token_logps, sequence_logps
-from alignkit.stages.packed import can_pack, head_logps
+from alignkit.forward.logps import counted_token_logps, sequence_logps
+from alignkit.forward.packed import can_pack, head_logps
 
 
 def seq(prompt: list[int], answer: list[int]) -> dict:
@@ -114,7 +114,7 @@ def test_head_logps_chunks_and_gradient():
     head = torch.nn.Linear(8, 50, bias=False)
     h = torch.randn(37, 8, requires_grad=True)
     t = torch.randint(0, 50, (37,))
-    import alignkit.stages.packed as packed_mod
+    import alignkit.forward.packed as packed_mod
 
     old = packed_mod.HEAD_CHUNK_ELEMENTS
     packed_mod.HEAD_CHUNK_ELEMENTS = 50 * 10  # 10 rows per chunk: 4 chunks

@@ -7,10 +7,10 @@ import torch
 
 from alignkit.objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, policy_loss, token_rewards, value_loss,
                                      whiten)
-from alignkit.stages.ppo import response_mask
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.generation.sample import response_mask
+from alignkit.train import execute, prepare_run
 
-from conftest import tiny_cfg
+from conftest import patch_method, tiny_cfg
 
 
 def test_gae_on_four_steps_by_hand():
@@ -110,8 +110,8 @@ def test_tiny_policy_learns_a_toy_reward(tmp_path):
 
 
 def test_reward_model_on_the_same_base_is_a_second_adapter(tmp_path):
-    from alignkit.eval.reward import load_scorer
-    from alignkit.stages.ppo_reward import as_completion, make_reward
+    from alignkit.runs.reward import load_scorer, make_reward
+    from alignkit.scoring.reward_model import as_completion
 
     rm_run = prepare_run(tiny_cfg(tmp_path / "rm", "method=rm", "train.max_steps=2"))
     execute(rm_run)
@@ -134,9 +134,9 @@ def test_reward_model_on_the_same_base_is_a_second_adapter(tmp_path):
 @pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
 def test_rollout_logps_match_what_generate_sampled_from(tmp_path, adapter):
     """The training forward numbers positions as generate did (left padding, virtual tokens)."""
-    from alignkit.adapters.prompt import virtual_token_inputs
-    from alignkit.eval.sample import left_pad
-    from alignkit.stages.ppo import add_value_head, forward_policy
+    from alignkit.forward.virtual import virtual_token_inputs
+    from alignkit.generation.sample import left_pad
+    from alignkit.forward.policy import add_value_head, response_forward
 
     run = prepare_run(tiny_cfg(tmp_path, "method=ppo", "reward=gold", f"adapter={adapter}"))
     model = run.model
@@ -159,7 +159,7 @@ def test_rollout_logps_match_what_generate_sampled_from(tmp_path, adapter):
         resp = seqs[:, -5:]
         expected = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, resp[:, i:i + 1]).squeeze(-1)
                                 for i, s in enumerate(out.scores)], 1)
-        got, _, _ = forward_policy(model, seqs, torch.cat([attn, torch.ones_like(resp)], 1), 5, temperature=1.0)
+        got, _, _ = response_forward(model, seqs, torch.cat([attn, torch.ones_like(resp)], 1), 5, temperature=1.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -168,16 +168,16 @@ def test_rollout_logps_match_what_generate_sampled_from(tmp_path, adapter):
     (5, 3, [[2, 1, 1], [1]]),      # 4 then 1 row: the two empty minibatches are skipped, not a NaN
 ])
 def test_every_rollout_row_is_used_in_each_ppo_epoch(tmp_path, monkeypatch, task_size, minibatches, sizes):
-    import alignkit.stages.ppo as ppo
+    from alignkit.methods import METHODS
 
     seen = []
-    real = ppo.minibatch_loss
+    real = METHODS["ppo"].step
 
     def recording(model, mb, denominator, method):
         seen.append(mb["ids"].shape[0])
         return real(model, mb, denominator, method)
 
-    monkeypatch.setattr(ppo, "minibatch_loss", recording)
+    patch_method(monkeypatch, "ppo", step=recording)
     run = prepare_run(tiny_cfg(tmp_path, "method=ppo", "reward=gold", f"data.task_size={task_size}",
                                "data.eval_fraction=0", "train.batch_size=4", "train.max_steps=2",
                                f"method.num_minibatches={minibatches}", "method.ppo_epochs=2",

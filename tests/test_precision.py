@@ -4,19 +4,19 @@ import json
 import pytest
 import torch
 
-from alignkit.stages.faults import count_step, new_counts
-from alignkit.stages.loop import make_scaler, optimizer_step
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.session.faults import count_step, new_counts
+from alignkit.session.optim import clipped_step, make_scaler
+from alignkit.train import execute, prepare_run
 
-from conftest import tiny_cfg
+from conftest import patch_method, tiny_cfg
 
 
 def scale_sft_loss(monkeypatch, scale: float) -> None:
     """The SFT loss multiplied by `scale` (tiny losses: tiny fp16 gradients)."""
-    import alignkit.stages.sft as sft
+    from alignkit.methods import METHODS
 
-    real = sft.sft_step
-    monkeypatch.setattr(sft, "sft_step", lambda model, batch, d: (real(model, batch, d)[0] * scale, {}))
+    real = METHODS["sft"].step
+    patch_method(monkeypatch, "sft", step=lambda model, batch, d, method=None: (real(model, batch, d)[0] * scale, {}))
 
 
 def tiny_sft(tmp_path, precision: str, *overrides):
@@ -42,11 +42,11 @@ def test_fp16_gradients_that_would_underflow_survive_the_scaler(tmp_path, monkey
 
 def test_without_the_scaler_those_fp16_gradients_are_lost(tmp_path, monkeypatch):
     """Why the scaler: the same run with it switched off loses most of the gradient to fp16 underflow."""
-    import alignkit.stages.loop as loop
+    import alignkit.session.session as session
 
     scale_sft_loss(monkeypatch, 1e-6)
     tiny_sft(tmp_path, "fp32")
-    monkeypatch.setattr(loop, "make_scaler", lambda precision, device: None)
+    monkeypatch.setattr(session, "make_scaler", lambda precision, device: None)
     tiny_sft(tmp_path, "fp16")
     first16 = json.loads((tmp_path / "fp16" / "run" / "metrics.jsonl").read_text().splitlines()[0])
     first32 = json.loads((tmp_path / "fp32" / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -61,7 +61,7 @@ def test_an_inf_gradient_under_fp16_is_the_scalers_skip():
     scaler = make_scaler("fp16", torch.device("cpu"))
     scale = scaler.get_scale()
     scaler.scale((param * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
-    grad_norm, ok, overflow = optimizer_step(opt, sched, [param], 1.0, loss=1.0, scaler=scaler)
+    grad_norm, ok, overflow = clipped_step(opt, sched, [param], 1.0, loss=1.0, scaler=scaler)
     assert not ok and overflow and param.tolist() == [1.0, 1.0, 1.0]
     assert scaler.get_scale() == scale / 2
     counts = new_counts()
@@ -69,7 +69,7 @@ def test_an_inf_gradient_under_fp16_is_the_scalers_skip():
     assert counts == {"skipped_steps": 1, "bad_streak": 0}
     # a finite step after it updates with the unscaled gradient: lr * 1 per entry
     scaler.scale(param.sum()).backward()
-    _, ok, _ = optimizer_step(opt, sched, [param], 0.0, loss=1.0, scaler=scaler)
+    _, ok, _ = clipped_step(opt, sched, [param], 0.0, loss=1.0, scaler=scaler)
     assert ok and param.tolist() == pytest.approx([0.9, 0.9, 0.9])
 
 

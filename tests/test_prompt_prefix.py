@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from alignkit.errors import UsageError
-from alignkit.eval.sample import generate, prompt_ids
-from alignkit.stages.common import forward_token_logps, input_positions, last_token_scores, sequence_logps
-from alignkit.stages.runner import prepare_run
+from alignkit.generation.sample import generate, prompt_ids
+from alignkit.forward.logps import forward_token_logps, sequence_logps
+from alignkit.forward.scores import last_token_scores
+from alignkit.forward.virtual import input_positions
+from alignkit.train import prepare_run
 
 from conftest import tiny_cfg
 

@@ -14,7 +14,7 @@ from alignkit.data.tasks import judge_sentiment, sentiment_rows, tone
 from alignkit.errors import UsageError
 from alignkit.recipe.plan import plan_recipe
 from alignkit.recipe.run import run_recipe
-from alignkit.stages.metrics_log import open_log, read_log
+from alignkit.session.logs import open_log, read_log
 
 from conftest import TINY
 from conftest import CMD
@@ -145,7 +145,7 @@ def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
 def test_tensorboard_missing_is_one_clear_error(monkeypatch):
     import sys
 
-    from alignkit.stages.events import require_tensorboard
+    from alignkit.session.events import require_tensorboard
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(UsageError, match="needs the tensorboard package"):

@@ -4,9 +4,9 @@ import torch
 
 from alignkit.eval.run import run_eval
 from alignkit.models.load import load_base_model
-from alignkit.stages.common import sequence_logps
-from alignkit.stages.dpo import live_reference_logps, precompute_reference
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.forward.logps import sequence_logps
+from alignkit.forward.reference import precompute_reference, reference_sequence_logps as live_reference_logps
+from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 
@@ -32,7 +32,7 @@ def test_precomputed_reference_is_the_live_reference(tmp_path, adapter):
     cached = torch.tensor([e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples])
     plain = {k: v for k, v in run.collate(examples).items() if k not in ("ref_chosen", "ref_rejected")}
     if adapter in ("full", "bitdelta"):
-        base, _, _ = load_base_model(run.cfg.model, run.cfg.adapter, run.device)
+        base, _, _ = load_base_model(run.cfg.model, run.device, full_weights=True)
         with torch.no_grad():
             live = sequence_logps(base, plain)[0]
     else:

@@ -9,7 +9,7 @@ import pytest
 PROBE = """
 import ctypes, os, sys
 import psutil
-from alignkit.stages.resources import return_freed_memory
+from alignkit.session.resources import return_freed_memory
 if sys.argv[1] == "1":
     assert return_freed_memory()
 libc = ctypes.CDLL("libc.so.6")

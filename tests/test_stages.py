@@ -5,21 +5,25 @@ import pytest
 import torch
 
 from alignkit.data.collate import pad_batch
-from alignkit.models.load import load_run
-from alignkit.stages.common import forward_token_logps, last_token_scores
-from alignkit.stages.runner import execute, prepare_run
+from alignkit.runs.read import load_run
+from alignkit.forward.logps import forward_token_logps
+from alignkit.forward.scores import last_token_scores
+from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 
-from alignkit.config.rules import VALID
+from alignkit.methods import METHODS
 
-# every valid method x adapter cell of the table runs (a new adapter or method is tested by adding it there),
-# plus the adapter options that change which parameters train or how they are saved
-CELLS = [(m, a, ()) for m, adapters in VALID.items() for a in adapters] + [
+# every valid method x adapter cell of the table runs (a new adapter or method is tested by registering it;
+# presets share their method's code and are checked by test_configs), plus the adapter options that change
+# which parameters train or how they are saved
+CELLS = [(m, a, ()) for m, record in METHODS.items() if record.preset_of is None for a in record.adapters] + [
     ("dpo", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("rm", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("sft", "prompt", ("adapter.init_text=Answer:", "train.gradient_checkpointing=true")),
 ]
+# what an online method needs to run on the tiny model: a reward, short rollouts
+ONLINE = ("reward=gold", "method.max_new_tokens=8")
 
 
 def snapshot(model):
@@ -27,13 +31,21 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def reload_batch(run):
+    """A batch to compare the trained and the reloaded model on: the method's own, or (online) its prompts."""
+    if run.method.online:
+        return pad_batch([{"input_ids": e["prompt_ids"], "completion_mask": [1] * len(e["prompt_ids"])}
+                          for e in run.train_examples[:2]], run.tokenizer.pad_token_id)
+    return run.collate(run.train_examples[:2])
+
+
 @pytest.mark.parametrize("method,adapter,options", CELLS, ids=lambda c: (" ".join(c) or "defaults") if isinstance(c, tuple) else c)
 def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, adapter, options):
     # no eval split: bitsandbytes' CPU eval-mode kernel repacks 4-bit weights (lossy round trip on save),
     # which would make the trained model differ from a clean reload by ~1e-3
-    extra = ["reward=gold", "method.max_new_tokens=8"] if method == "ppo" else []
+    record = METHODS[method]
     run = prepare_run(tiny_cfg(tmp_path, f"method={method}", f"adapter={adapter}", "data.eval_fraction=0",
-                               *options, *extra))
+                               *options, *(ONLINE if record.online else ())))
     before = snapshot(run.model)
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert trainable
@@ -47,28 +59,23 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
     run_dir = tmp_path / "run"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2]
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(lines[0])
-    if method == "dpo":
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", *record.metrics} <= set(lines[0])
+    if method == "dpo":  # all of TRL's DPO names, not only the headline ones
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"} <= set(lines[0])
     assert json.loads((run_dir / "summary.json").read_text())["train_steps"] == 2
 
-    if method == "rm":
-        assert {"accuracy", "margin"} <= set(lines[0])
     reloaded, _, _ = load_run(run_dir)
     if adapter == "bitdelta":
         return  # final/ is the lossy 1-bit artifact; its fidelity is checked in test_bitdelta.py
-    if method == "ppo":
+    if record.head == "lm+value":
         assert (run_dir / "final" / "value_head.safetensors").exists()
-        batch = pad_batch([{"input_ids": e["prompt_ids"], "completion_mask": [1] * len(e["prompt_ids"])}
-                           for e in run.train_examples[:2]], run.tokenizer.pad_token_id)
-    else:
-        batch = run.collate(run.train_examples[:2])
+    batch = reload_batch(run)
     # train mode on both sides (dropout is off): bitsandbytes' CPU 4-bit kernel differs in eval mode
     run.model.train()
     reloaded.train()
     with torch.no_grad():
-        if method == "rm":
+        if record.head == "score":
             expected, got = last_token_scores(run.model, batch), last_token_scores(reloaded, batch)
         else:
             expected = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -124,7 +131,7 @@ def test_dpo_reference_is_the_base_with_adapter_disabled(tmp_path):
 def test_paged_optimizer_falls_back_off_gpu():
     import bitsandbytes as bnb
 
-    from alignkit.stages.common import make_optimizer
+    from alignkit.session.optim import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(4))]
     with pytest.warns(UserWarning, match="paged optimizers need CUDA"):

@@ -1,25 +1,32 @@
-"""Adapters: one registry name -> a function that makes the base trainable."""
+"""Adapters: one record per name (what it trains, what it can do), and the base-loading options it needs."""
 from __future__ import annotations
 
-from .bitdelta import attach_bitdelta
-from .full import attach_full
-from .lora import attach_lora, attach_qlora
-from .prompt import attach_prefix, attach_prompt
+from .bitdelta import BITDELTA
+from .full import FULL
+from .lora import LORA, QLORA, quantization_config
+from .prompt import PREFIX, PROMPT
+from .record import Adapter
 
-ATTACH = {
-    "prompt": attach_prompt,
-    "prefix": attach_prefix,
-    "lora": attach_lora,
-    "qlora": attach_qlora,
-    "full": attach_full,
-    "bitdelta": attach_bitdelta,
-}
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROMPT, PREFIX, LORA, QLORA, FULL, BITDELTA)}
 
-# adapters that train the base weights themselves: fp32 master weights under dtype=auto, and no
-# adapter to switch off for a DPO reference (its log-probs are precomputed instead)
-WEIGHT_ADAPTERS = ("full", "bitdelta")
+
+def adapter_record(name: str) -> Adapter:
+    return ADAPTERS[name]
 
 
 def attach_adapter(model, adapter_cfg, train_cfg, task: str = "CAUSAL_LM"):
     """task: "CAUSAL_LM" (policies) or "SEQ_CLS" (reward models with a score head)."""
-    return ATTACH[adapter_cfg.name](model, adapter_cfg, train_cfg, task)
+    return ADAPTERS[adapter_cfg.name].attach(model, adapter_cfg, train_cfg, task)
+
+
+def base_load_options(adapter_cfg, device, sharded: bool = False) -> dict:
+    """load_base_model's keywords for this adapter: the 4-bit settings, and fp32 master weights for adapters that
+    train the base weights. sharded: FSDP (the 4-bit weights then stored in the compute dtype)."""
+    record = ADAPTERS[adapter_cfg.name]
+    return {"quantization": quantization_config(adapter_cfg, device, sharded) if record.four_bit else None,
+            "full_weights": record.trains_base}
+
+
+def packing(cfg) -> bool:
+    """train.packing, except for adapters with virtual tokens (they need the padded layout)."""
+    return cfg.train.packing and not ADAPTERS[cfg.adapter.name].virtual_tokens

@@ -1,24 +1,39 @@
-"""Prompt tuning and prefix tuning through peft, and the inputs that carry their virtual tokens.
+"""Prompt tuning and prefix tuning through peft.
 
 peft holds the parameters, saves and reloads them (final/ is a plain peft adapter dir, with
 the score head for a reward model: peft puts `score` in modules_to_save for SEQ_CLS). The
-forward and generate calls go through `virtual_token_inputs` instead of peft's own, because
-peft 0.21 passes the prefix as `past_key_values` and reads `cache_position`, which
-transformers 5.x renamed and removed: a prefix-tuned sequence classifier then refuses to run
-("Model does not support past key values") and generation with either adapter feeds the
-virtual tokens wrongly once the KV cache is in use.
+forward and generate calls carry the virtual tokens through alignkit.forward.virtual.
 """
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
+from typing import Optional
 
-import torch
+from omegaconf import MISSING
+
+from ..errors import UsageError, require
+from .lora import enable_checkpointing
+from .record import Adapter
+
+
+@dataclass
+class PromptAdapter:
+    name: str = MISSING
+    num_virtual_tokens: int = MISSING
+    init_text: Optional[str] = MISSING  # text whose token embeddings start the soft prompt; null = random
+
+
+@dataclass
+class PrefixAdapter:
+    name: str = MISSING
+    num_virtual_tokens: int = MISSING
+    prefix_projection: bool = MISSING  # train the prefix through an MLP (reparameterisation)
+    projection_hidden_size: int = MISSING
+
 
 
 def attach_prompt(model, adapter, train, task: str = "CAUSAL_LM"):
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
-
-    from .lora import enable_checkpointing
 
     if train.gradient_checkpointing:
         enable_checkpointing(model)
@@ -41,39 +56,25 @@ def attach_prefix(model, adapter, train, task: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
-def is_prompt_learning(model) -> bool:
-    """A peft model whose active adapter is prompt or prefix tuning (enabled or not)."""
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning
-
-
-def cache_argument(module) -> str:
-    """The forward argument a KV cache goes in: `cache` since transformers renamed `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+def check_prompt(cfg, verb: str) -> None:
+    a = cfg.adapter
+    require(a.num_virtual_tokens >= 1, "adapter.num_virtual_tokens", a.num_virtual_tokens, "must be >= 1")
+    if a.init_text is not None:
+        require(a.init_text.strip() != "", "adapter.init_text", repr(a.init_text), "must be text, or null for random")
 
 
-def virtual_token_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """(module, kwargs, n): `module(**kwargs)` (or `.generate`) runs `model` on these tokens.
+def check_prefix(cfg, verb: str) -> None:
+    a = cfg.adapter
+    require(a.num_virtual_tokens >= 1, "adapter.num_virtual_tokens", a.num_virtual_tokens, "must be >= 1")
+    require(a.projection_hidden_size >= 1, "adapter.projection_hidden_size", a.projection_hidden_size, "must be >= 1")
+    if cfg.train.gradient_checkpointing:
+        raise UsageError("adapter=prefix does not work with train.gradient_checkpointing=true (the prefix lives "
+                         "in the attention cache, which checkpointing recomputes without it): set it to false")
 
-    Prompt tuning: inputs_embeds = [P; embed(ids)], so outputs carry n = num_virtual_tokens extra
-    positions in front (logits are n + T long). Prefix tuning: the K/V prefix goes in the cache
-    and outputs keep the input's length (n = 0). Both extend the attention mask by n ones on the
-    left. Any other model: itself; a prompt-learning one inside `disable_adapter()`: its base; n = 0.
-    """
-    plain = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if not is_prompt_learning(model):
-        return model, plain, 0
-    base = model.get_base_model()
-    if not model.has_active_enabled_adapter:  # inside disable_adapter(): the base model alone
-        return base, plain, 0
-    config = model.active_peft_config
-    batch, n = input_ids.shape[0], config.num_virtual_tokens
-    mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
-    if config.peft_type == "PREFIX_TUNING":
-        return base, {"input_ids": input_ids, "attention_mask": mask, cache_argument(base): model.get_prompt(batch)}, 0
-    if config.peft_type != "PROMPT_TUNING":
-        raise NotImplementedError(f"peft {config.peft_type} adapters are not supported")
-    embeds = base.get_input_embeddings()(input_ids)
-    prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
-    return base, {"inputs_embeds": torch.cat([prompts, embeds], dim=1), "attention_mask": mask}, n
+
+NOT_FSDP = ("peft saves it by running its prompt encoder outside the sharded forward; DDP fits it anyway: its few "
+            "trainable weights need no sharding")
+PROMPT = Adapter("prompt", PromptAdapter, attach_prompt, virtual_tokens=True, fsdp=False, fsdp_why=NOT_FSDP,
+                 check=check_prompt)
+PREFIX = Adapter("prefix", PrefixAdapter, attach_prefix, virtual_tokens=True, fsdp=False, fsdp_why=NOT_FSDP,
+                 check=check_prefix)

@@ -6,7 +6,8 @@ per matrix, with the scales distilled against the fine-tuned model.
 """
 from .apply import apply, attach_deltas, use_delta
 from .artifact import load_artifact, save_artifact
-from .compress import Delta, binarize, block_linears
+from ..models.blocks import block_linears
+from .compress import Delta, binarize
 from .pack import pack_signs, reconstruct, unpack_signs
 
 __all__ = ["Delta", "apply", "attach_deltas", "binarize", "block_linears", "load_artifact", "pack_signs",

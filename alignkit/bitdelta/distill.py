@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 from transformers import get_scheduler
 
-from ..stages.loop import micro_batches
-from ..stages.progress import progress_bar
+from ..session.batches import micro_batches
+from ..session.progress import progress_bar
 from .fidelity import batches, logits, masked_kl, masked_logit_mse
 
 LOSSES = {"kl": masked_kl, "mse": masked_logit_mse}

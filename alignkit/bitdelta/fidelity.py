@@ -6,14 +6,12 @@ the two models' greedy next tokens (argmax) agree.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
 from ..data.collate import pad_batch
-from ..eval.sample import generate
-from ..stages.common import autocast
+from ..forward.precision import autocast
+from ..generation.sample import generate
 
 
 def sequences(examples: list[dict]) -> list[dict]:
@@ -66,10 +64,9 @@ def fidelity(teacher, model, eval_batches: list[dict], device, precision: str) -
     return {"kl": kl_sum / max(tokens, 1), "agreement": agree / max(tokens, 1), "tokens": int(tokens)}
 
 
-def gold_score(model, tokenizer, rows: list[dict], judge, max_new_tokens: int, batch_size: int, device) -> float:
-    """Mean gold-judge score of greedy completions of the rows' prompts (a built-in task's judge)."""
-    sample = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                             batch_size=batch_size)
+def gold_score(model, tokenizer, rows: list[dict], judge, sample, device) -> float:
+    """Mean gold-judge score of completions of the rows' prompts (a built-in task's judge), sampled as the
+    `sample` section says (greedy by default)."""
     model.eval()
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], sample, device)
     return sum(judge(c, r["answer"]) for c, r in zip(completions, rows)) / max(len(rows), 1)

@@ -19,11 +19,17 @@ from ..data.split import HELD_OUT, held_out_rows
 from ..data.tasks import TASKS
 from ..data.tokenize import encode_preference, encode_sft
 from ..errors import UsageError
+from ..adapters import base_load_options
+from ..io import atomic_dir, atomic_json
+from ..methods import method_record
+from ..models.blocks import block_linears
 from ..models.load import load_base_model, pick_device, resolve_model_dir
-from ..stages.checkpoint import atomic_dir, atomic_json
+from ..runs.read import base_model_cfg
+from ..session.batches import seed_everything
+from ..session.rundir import check_run_dir, replacing
 from .apply import merge
 from .artifact import save_artifact
-from .compress import base_fingerprint, binarize, block_linears, check_same_shapes, make_student
+from .compress import base_fingerprint, binarize, check_same_shapes, make_student
 from .distill import calibration_stream, distill_scales
 from .fidelity import batches, fidelity, gold_score, sequences
 from .linear import unwrap_linears
@@ -37,7 +43,7 @@ def split_data(cfg: DictConfig, tokenizer, rows, run_dir: Path | None = None) ->
     held_places = set(held_out_rows(rows, cfg.data.eval_fraction, cfg.train.seed, run_dir))
     train, held = [], []
     for place, (where, row) in enumerate(rows):
-        if cfg.method.name == "dpo":
+        if method_record(cfg.method.name).data == "preference":
             example = encode_preference(tokenizer, where, row, cfg.data)
         else:
             example = encode_sft(tokenizer, where, row, cfg.data, True)
@@ -70,11 +76,11 @@ def compress_models(cfg: DictConfig, base, finetuned, tokenizer, data: tuple, de
     fingerprint = base_fingerprint(base)
     eval_batches = batches(held or calibration, t.eval_batch_size, tokenizer.pad_token_id)
     judge = TASKS[cfg.data.task][1] if cfg.data.task in TASKS and held_rows else None
+    sample = OmegaConf.merge(cfg.sample, {"max_new_tokens": a.gold_max_new_tokens})
 
     def measure(model) -> dict:
         out = fidelity(finetuned, model, eval_batches, device, precision)
-        out["gold"] = (gold_score(model, tokenizer, held_rows, judge, a.gold_max_new_tokens, t.eval_batch_size,
-                                  device) if judge else None)
+        out["gold"] = gold_score(model, tokenizer, held_rows, judge, sample, device) if judge else None
         return out
 
     fid = {"text": "held-out rows" if held else "calibration rows (data.eval_fraction=0)",
@@ -130,9 +136,6 @@ def _resolve(role: str, path: str) -> None:
 
 def run_compress(cfg: DictConfig) -> dict:
     """`alignkit compress`: base = model.path, fine-tuned = adapter.finetuned; writes run.dir."""
-    from ..stages.rundir import check_run_dir, replacing
-    from ..stages.runner import seed_everything
-
     started = time.perf_counter()
     run_dir = check_run_dir(cfg)
     seed_everything(cfg.train.seed)
@@ -140,9 +143,10 @@ def run_compress(cfg: DictConfig) -> dict:
     _resolve("base", cfg.model.path)
     _resolve("finetuned", cfg.adapter.finetuned)
     device = pick_device()
-    base, _, base_dir = load_base_model(cfg.model, cfg.adapter, device)
+    options = base_load_options(cfg.adapter, device)
+    base, _, base_dir = load_base_model(cfg.model, device, **options)
     finetuned_cfg = OmegaConf.merge(cfg.model, {"path": cfg.adapter.finetuned})
-    finetuned, tokenizer, _ = load_base_model(finetuned_cfg, cfg.adapter, device)
+    finetuned, tokenizer, _ = load_base_model(finetuned_cfg, device, **options)
     check_same_shapes(base, finetuned)
     data = split_data(cfg, tokenizer, rows, training_run(cfg))
     print(f"alignkit: compress {cfg.adapter.finetuned} over {cfg.model.path} ({device.type}), "
@@ -163,7 +167,7 @@ def compress_trained(run) -> dict:
     base -> final/ (only the artifact) and compress.json; returns summary numbers."""
     cfg, started = run.cfg, time.perf_counter()
     data = split_data(cfg, run.tokenizer, load_rows(cfg.data, cfg.train.seed), run.run_dir)
-    base, _, _ = load_base_model(cfg.model, cfg.adapter, run.device)
+    base, _, _ = load_base_model(base_model_cfg(cfg), run.device, **base_load_options(cfg.adapter, run.device))
     delta, report = compress_models(cfg, base, run.model, run.tokenizer, data, run.device)
     info = _info(cfg, run.model_dir, f"{run.run_dir} (trained)", next(base.parameters()).dtype)
     del base

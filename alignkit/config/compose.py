@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import SCHEMAS, Config, register
+from .schema import Config, register
 
 _STARTED = datetime.now()
 
@@ -33,9 +33,12 @@ def config_dir() -> Path:
     return shipped_dir("configs", "config.yaml")
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose configs/config.yaml with Hydra overrides; resolve interpolations once."""
-    register()
+def compose_config(overrides: list[str], groups: dict[str, dict[str, type]]) -> DictConfig:
+    """Compose configs/config.yaml with Hydra overrides; resolve interpolations once.
+
+    groups: the schema of each method and adapter option ({"method": {name: dataclass}, ...}), which their
+    records own; alignkit.methods.compose passes the registry's."""
+    register(groups)
     if not OmegaConf.has_resolver("now"):
         # the same timestamp for every job of one invocation
         OmegaConf.register_new_resolver("now", lambda fmt: _STARTED.strftime(fmt))
@@ -114,20 +117,20 @@ def config_changes(saved: Path, cfg: DictConfig) -> list[str]:
     return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys]
 
 
-def load_saved_config(path: Path) -> DictConfig:
+def load_saved_config(path: Path, groups: dict[str, dict[str, type]]) -> DictConfig:
     """A run's config.yaml, typed again by the schemas (enums, struct mode) so loaders can use it."""
     raw = OmegaConf.load(path)
-    defaults = compose_config([])
+    defaults = compose_config([], groups)
     for key in defaults:  # sections and keys added to alignkit after the run was made
         if key not in raw:
             raw[key] = defaults[key]
-        elif key not in SCHEMAS and OmegaConf.is_dict(defaults[key]):  # a plain section (not a group choice,
+        elif key not in groups and OmegaConf.is_dict(defaults[key]):  # a plain section (not a group choice,
             # not a top-level value such as nproc)
             for sub in defaults[key]:
                 if sub not in raw[key]:
                     raw[key][sub] = defaults[key][sub]
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
-    for group, schemas in SCHEMAS.items():
+    for group, schemas in groups.items():
         cfg[group] = OmegaConf.merge(OmegaConf.structured(schemas[raw[group].name]), raw[group])
     OmegaConf.set_struct(cfg, True)
     return cfg

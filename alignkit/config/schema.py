@@ -1,9 +1,9 @@
-"""Structured-config schemas, registered in Hydra's ConfigStore.
+"""Structured-config schemas of the sections every run has, registered in Hydra's ConfigStore.
 
-Values live in the YAML files under configs/ (so every default is visible
-there); these dataclasses only give each key its type, so a typo or a wrong
-type is rejected when the config is composed. A method or adapter option's
-YAML names its schema in its defaults list (`- base_lora`).
+Values live in the YAML files under configs/ (so every default is visible there); these dataclasses
+only give each key its type, so a typo or a wrong type is rejected when the config is composed. The
+method and adapter groups' schemas live with each method and adapter (their records); `register`
+stores them too, under `base_<name>`, which each option's YAML names in its defaults list.
 """
 from __future__ import annotations
 
@@ -52,68 +52,14 @@ class Launcher(Enum):
     torchrun = "torchrun"
 
 
-class DPOLoss(Enum):
-    sigmoid = "sigmoid"
-    cdpo = "cdpo"
-    ipo = "ipo"
-    hinge = "hinge"
-    simpo = "simpo"
-
-
-class DistillLoss(Enum):
-    kl = "kl"
-    mse = "mse"
-
-
-# ---- method group -------------------------------------------------------
-@dataclass
-class SFTMethod:
-    name: str = MISSING
-    completion_only_loss: bool = MISSING
-
-
-@dataclass
-class DPOMethod:
-    name: str = MISSING
-    beta: float = MISSING
-    loss: DPOLoss = MISSING
-    label_smoothing: float = MISSING
-    gamma: float = MISSING
-    precompute_ref: bool = MISSING
-
-
-class KLEstimator(Enum):
-    k1 = "k1"
-    k3 = "k3"
-
-
-@dataclass
-class PPOMethod:
-    name: str = MISSING
-    kl_coef: float = MISSING
-    kl_estimator: KLEstimator = MISSING
-    adaptive_kl: bool = MISSING
-    target_kl: float = MISSING
-    kl_horizon: float = MISSING
-    gamma: float = MISSING
-    lam: float = MISSING
-    whiten_advantages: bool = MISSING
-    clip_range: float = MISSING
-    vf_clip: float = MISSING
-    vf_coef: float = MISSING
-    ppo_epochs: int = MISSING
-    num_minibatches: int = MISSING
-    max_new_tokens: int = MISSING
-    temperature: float = MISSING
-    top_k: int = MISSING
-    top_p: float = MISSING
-    missing_eos_penalty: Optional[float] = MISSING
-    sample_every: int = MISSING
+class RewardKind(Enum):
+    model = "model"
+    gold = "gold"
 
 
 @dataclass
 class RewardConfig:
-    kind: str = MISSING  # model | gold
+    kind: RewardKind = MISSING
     run: Optional[str] = MISSING
 
 
@@ -123,60 +69,11 @@ class PolicyConfig:
 
 
 @dataclass
-class RMMethod:
-    name: str = MISSING
-    margin: float = MISSING
-    center_coef: float = MISSING
+class EvalConfig:
+    beta: float = MISSING
+    kl_temperature: float = MISSING
 
 
-# ---- adapter group ------------------------------------------------------
-@dataclass
-class LoraAdapter:
-    name: str = MISSING
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
-    target_modules: Any = MISSING  # "all-linear" or a list of module names
-
-
-@dataclass
-class QLoraAdapter(LoraAdapter):
-    quant_type: str = MISSING  # nf4 (fp4 also accepted by bitsandbytes)
-    double_quant: bool = MISSING
-    compute_dtype: Dtype = MISSING
-
-
-@dataclass
-class FullAdapter:
-    name: str = MISSING
-
-
-@dataclass
-class BitDeltaAdapter:
-    name: str = MISSING
-    distill_steps: int = MISSING
-    lr: float = MISSING
-    distill_loss: DistillLoss = MISSING
-    gold_max_new_tokens: int = MISSING
-    finetuned: Optional[str] = MISSING  # alignkit compress only: the fine-tuned model
-
-
-@dataclass
-class PromptAdapter:
-    name: str = MISSING
-    num_virtual_tokens: int = MISSING
-    init_text: Optional[str] = MISSING  # text whose token embeddings start the soft prompt; null = random
-
-
-@dataclass
-class PrefixAdapter:
-    name: str = MISSING
-    num_virtual_tokens: int = MISSING
-    prefix_projection: bool = MISSING  # train the prefix through an MLP (reparameterisation)
-    projection_hidden_size: int = MISSING
-
-
-# ---- plain groups -------------------------------------------------------
 @dataclass
 class ModelConfig:
     path: str = MISSING
@@ -223,13 +120,18 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    prompts: Optional[List[str]] = MISSING
-    num_prompts: int = MISSING
+class SamplingConfig:
+    """How completions are sampled: the `sample` section, and online methods' sampling keys (method.*)."""
     max_new_tokens: int = MISSING
     temperature: float = MISSING
     top_k: int = MISSING
     top_p: float = MISSING
+
+
+@dataclass
+class SampleConfig(SamplingConfig):
+    prompts: Optional[List[str]] = MISSING
+    num_prompts: int = MISSING
     batch_size: int = MISSING
 
 
@@ -251,22 +153,17 @@ class Config:
     sample: SampleConfig = MISSING
     reward: RewardConfig = MISSING
     policy: PolicyConfig = MISSING
+    eval: EvalConfig = MISSING
     run: RunConfig = MISSING
     launcher: Launcher = MISSING
     nproc: int = MISSING
 
 
-# schema of each method / adapter, by its `name`; YAML options pick theirs as `base_<name>`
-SCHEMAS = {
-    "method": {"sft": SFTMethod, "dpo": DPOMethod, "rm": RMMethod, "ppo": PPOMethod},
-    "adapter": {"lora": LoraAdapter, "qlora": QLoraAdapter, "full": FullAdapter, "prompt": PromptAdapter,
-                "prefix": PrefixAdapter, "bitdelta": BitDeltaAdapter},
-}
-
-
-def register() -> None:
+def register(groups: dict[str, dict[str, type]]) -> None:
+    """Store the root schema, and each group option's schema as `base_<name>` (groups: the method and
+    adapter records' schemas, by option name)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, schemas in SCHEMAS.items():
+    for group, schemas in groups.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"base_{name}", node=node)

@@ -42,3 +42,9 @@ def collate_preference(examples: list[dict], pad_id: int, packed: bool = False) 
         batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples])
         batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples])
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a batch (and of nested dicts: the packed layout) on `device`."""
+    return {k: v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}

@@ -135,3 +135,19 @@ def encode_rows(tokenizer, rows, data, kind: str, completion_only: bool = True) 
                          f"data.max_length={data.max_length}; raise data.max_length or cap prompts with "
                          f"data.max_prompt_length")
     return out
+
+
+def encode_prompts(tokenizer, rows, data, max_new_tokens: int) -> list[dict]:
+    """Prompt-only rows (online methods) -> {"prompt_ids", "row", "source"}; long prompts keep their last tokens.
+    The whole row goes along: its other columns reach the reward (the gold answer, a reward function's kwargs)."""
+    keep = min(data.max_prompt_length or data.max_length, data.max_length - max_new_tokens)
+    if keep < 1:
+        raise UsageError(f"data.max_length={data.max_length} leaves no room for a prompt before "
+                         f"method.max_new_tokens={max_new_tokens}")
+    out = []
+    for source, (where, row) in enumerate(rows):
+        if row.get("prompt") is None:
+            raise UsageError(f"{where}: a row for an online method needs a 'prompt' (found: "
+                             f"{', '.join(row) or 'nothing'})")
+        out.append({"prompt_ids": encode_prompt(tokenizer, row["prompt"])[-keep:], "row": row, "source": source})
+    return out

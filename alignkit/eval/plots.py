@@ -3,15 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# the curves worth a look for each method, in metrics.jsonl names
-KEY_METRICS = {
-    "sft": ["loss", "grad_norm"],
-    "rm": ["loss", "accuracy", "margin"],
-    "dpo": ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"],
-    "ppo": ["objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value"],
-}
-
-
 def _pyplot():
     import matplotlib
 

@@ -3,33 +3,23 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
-import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-
-from ..config.compose import check_overrides, compose_config
-from ..config.schema import DPOLoss, DPOMethod
-from ..config.validate import validate
-from ..data.collate import collate_preference
+from ..adapters import base_load_options
+from ..config.compose import check_overrides
 from ..data.load import load_rows
 from ..data.split import held_out_rows, split_items
-from ..data.tasks import TASKS
-from ..data.tokenize import encode_rows
 from ..errors import UsageError
-from ..models.cache import cache_root
-from ..models.fingerprint import weights_fingerprint
-from ..models.load import base_model_cfg, load_base_model, load_run, pick_device
-from ..stages import dpo, rm
-from ..stages.checkpoint import atomic_json
-from ..stages.dist import StageForward
-from ..stages.loop import evaluate
-from ..stages.progress import print_table
-from ..stages.ppo import forward_policy, sample_responses
-from .sample import generate, generation_config, prompt_ids
+from ..generation.sample import generate
+from ..io import atomic_json
+from ..methods import compose, validate
+from ..models.load import load_base_model, pick_device
+from ..runs.read import head_of, load_run
+from ..session.progress import print_table
+from .metrics import gold_metrics, kl_metrics, preference_metrics
 
 
 def target(args: list[str]):
@@ -37,9 +27,10 @@ def target(args: list[str]):
     runs = [a.split("=", 1)[1] for a in args if a.startswith("run=")]
     rest = [a for a in args if not a.startswith("run=")]
     if not runs:
-        cfg = compose_config(rest)
+        cfg = compose(rest)
         validate(cfg)
-        model, tokenizer, _ = load_base_model(cfg.model, cfg.adapter, pick_device())
+        device = pick_device()
+        model, tokenizer, _ = load_base_model(cfg.model, device, head_of(cfg), **base_load_options(cfg.adapter, device))
         return model.eval(), tokenizer, cfg, None
     model, tokenizer, cfg = load_run(runs[0])
     check_overrides(rest, multirun=False)
@@ -58,75 +49,6 @@ def held_out(cfg: DictConfig, run_dir: Path | None = None) -> tuple[list, list]:
     rows = load_rows(cfg.data, cfg.train.seed)
     train, held = split_items(rows, held_out_rows(rows, cfg.data.eval_fraction, cfg.train.seed, run_dir))
     return (train, held) if held else (rows, rows)
-
-
-def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
-    """RM: accuracy/margin. Policy: DPO metrics vs its reference (base with the adapter off)."""
-    if not all("chosen" in r and "rejected" in r for _, r in rows):
-        return {}
-    device = next(model.parameters()).device
-    examples = encode_rows(tokenizer, rows, cfg.data, "preference")
-    collate = partial(collate_preference, pad_id=tokenizer.pad_token_id)
-    if cfg.method.name == "rm":
-        step = partial(rm.rm_step, margin_scale=cfg.method.margin, center_coef=cfg.method.center_coef)
-    else:
-        beta = cfg.method.beta if cfg.method.name == "dpo" else 0.1  # an SFT run: TRL's default beta
-        method = OmegaConf.structured(DPOMethod(name="dpo", beta=beta, loss=DPOLoss.sigmoid, label_smoothing=0.0,
-                                                gamma=0.0, precompute_ref=False))
-        step = partial(dpo.dpo_step, method=method)
-        if not hasattr(model, "disable_adapter"):  # full fine-tune: the reference is the model it started from
-            base, _, _ = load_base_model(base_model_cfg(cfg), cfg.adapter, device)
-            # a run's reference cache lives in its run dir; a plain model's in the alignkit cache (keyed by the
-            # weights, precision and tokens, so another model or data set never reads it)
-            folder = run_dir if run_dir is not None else cache_root() / "reference" / weights_fingerprint(base)
-            dpo.precompute_reference(base, examples, collate, cfg.train.eval_batch_size, device,
-                                     cfg.train.precision.value, Path(folder) / "eval_ref_logps.safetensors")
-            del base
-    return {k.removeprefix("eval/"): v for k, v in evaluate(StageForward(model, step), examples, collate, cfg, device).items()}
-
-
-def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
-    """Greedy generations on held-out prompts of a built-in task, judged by its gold judge."""
-    if cfg.data.task is None or cfg.method.name == "rm":
-        return {}, []
-    judge = TASKS[cfg.data.task][1]
-    rows = [r for _, r in rows][: cfg.sample.num_prompts]
-    device = next(model.parameters()).device
-    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
-    scores = [judge(o, r["answer"]) for o, r in zip(outputs, rows)]
-    metrics = {"gold/score": sum(scores) / len(scores)}
-    samples = [{"prompt": r["prompt"], "completion": o, "gold": s} for r, o, s in zip(rows, outputs, scores)]
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            ref = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
-        ref_scores = [judge(o, r["answer"]) for o, r in zip(ref, rows)]
-        metrics["gold/score_ref"] = sum(ref_scores) / len(rows)
-        # per prompt: the policy beats its reference (1), ties (0.5) or loses (0) by the gold judge
-        metrics["gold/win_rate"] = sum(float(s > q) + 0.5 * (s == q) for s, q in zip(scores, ref_scores)) / len(rows)
-        for s, o, q in zip(samples, ref, ref_scores):
-            s["completion_ref"], s["gold_ref"] = o, q
-    return metrics, samples
-
-
-def kl_metrics(model, tokenizer, cfg, rows) -> dict:
-    """kl_to_ref: KL(policy || reference) in nats per completion, the k1 estimate (sum over tokens of
-    log p - log p_ref) on completions sampled from the policy at temperature 1; reference = adapters off."""
-    prompts = [r["prompt"] for _, r in rows if r.get("prompt") is not None][: cfg.sample.num_prompts]
-    if cfg.method.name == "rm" or not prompts or not hasattr(model, "disable_adapter"):
-        return {}
-    device = next(model.parameters()).device
-    gen = generation_config(tokenizer, cfg.sample.max_new_tokens, 1.0, 0, 1.0)
-    torch.manual_seed(cfg.train.seed)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(prompts), cfg.sample.batch_size):
-            chunk = [prompt_ids(tokenizer, p) for p in prompts[i:i + cfg.sample.batch_size]]
-            ids, attn, mask, _ = sample_responses(model, tokenizer, chunk, gen, device)
-            logp = forward_policy(model, ids, attn, mask.shape[1], 1.0, values=False)[0]
-            with model.disable_adapter():
-                ref = forward_policy(model, ids, attn, mask.shape[1], 1.0, values=False)[0]
-            total += float(((logp - ref) * mask).sum())
-    return {"kl_to_ref": total / len(prompts)}
 
 
 def run_eval(args: list[str]) -> dict:

@@ -17,10 +17,10 @@ from typing import Dict, List
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config.compose import check_overrides, compose_config, shipped_dir
+from ..config.compose import check_overrides, shipped_dir
 from ..config.schema import Config
-from ..config.validate import validate
 from ..errors import UsageError
+from ..methods import compose, validate
 
 
 @dataclass
@@ -110,7 +110,7 @@ def plan_recipe(name: str, args: list[str]) -> tuple[Path, list[Stage]]:
                 raise UsageError(f"recipe {name}: stage {stage_name} input {key}={source} is not an earlier stage")
         overrides = [*spec.shared, *stage.overrides, *(f"{k}={root / s}" for k, s in inputs.items()), *shared,
                      *per_stage[stage_name], f"run.dir={root / stage_name}"]
-        cfg = compose_config(overrides)
+        cfg = compose(overrides)
         validate(cfg)
         stages.append(Stage(stage_name, overrides, cfg, inputs))
     return root, stages

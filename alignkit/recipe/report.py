@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..eval.plots import KEY_METRICS, plot_curves, plot_policies
-from ..stages.metrics_log import read_log
+from ..eval.plots import plot_curves, plot_policies
+from ..methods import method_record
+from ..session.logs import read_log
 
 
 def _fmt(value) -> str:
@@ -65,13 +66,31 @@ def sample_columns(stages, evals: dict, root: Path) -> tuple[list[str], list[lis
 def stage_table(stages, states: dict, summaries: dict) -> list[str]:
     rows = []
     for stage in stages:
-        s, keys = summaries[stage.name], KEY_METRICS.get(stage.cfg.method.name, ["loss"])
+        s, keys = summaries[stage.name], method_record(stage.cfg.method.name).metrics
         shown = [k for k in keys if k != "loss" and k in s][:2]
         rows.append([stage.name, stage.cfg.method.name, states[stage.name], s.get("step"), s.get("loss"),
                      ", ".join(f"{k} {_fmt(s[k])}" for k in shown) or "-", s.get("eval/loss"),
                      round(s.get("wall_seconds", 0.0), 1)])
     return _table(["stage", "method", "this run", "steps", "final loss", "final metrics", "held-out loss",
                    "wall s"], rows)
+
+
+def headline(stage, summary: dict) -> list[str]:
+    """One line per stage: its method's first headline metric on held-out rows and at the last step, or, for
+    an online method, over its first and last steps (the rollouts it learned from)."""
+    record = method_record(stage.cfg.method.name)
+    key = next((k for k in record.metrics if k != "loss"), "loss")
+    if record.online:
+        values = [r[key] for r in read_log(Path(stage.cfg.run.dir) / "metrics.jsonl") if key in r]
+        if not values:
+            return []
+        k = max(1, min(3, len(values) // 2))
+        return [f"`{stage.name}` ({record.name}): `{key}` {_fmt(sum(values[:k]) / k)} over the first {k} steps, "
+                f"{_fmt(sum(values[-k:]) / k)} over the last {k}.", ""]
+    if f"eval/{key}" not in summary:
+        return []
+    return [f"`{stage.name}` ({record.name}): held-out `{key}` {_fmt(summary.get(f'eval/{key}'))} (last training "
+            f"step: {_fmt(summary.get(key))}).", ""]
 
 
 def write_report(name: str, args: list[str], root: Path, stages, states: dict, summaries: dict, evals: dict,
@@ -85,16 +104,7 @@ def write_report(name: str, args: list[str], root: Path, stages, states: dict, s
              f"adapter `{stages[0].cfg.adapter.name}`, data `{stages[0].cfg.data.task or stages[0].cfg.data.path}`.",
              "", "## Stages", "", *stage_table(stages, states, summaries), ""]
     for stage in stages:
-        s = summaries[stage.name]
-        if stage.cfg.method.name == "rm":
-            lines += [f"Reward model `{stage.name}`: held-out accuracy {_fmt(s.get('eval/accuracy'))}, margin "
-                      f"{_fmt(s.get('eval/margin'))} (last training step: accuracy {_fmt(s.get('accuracy'))}).", ""]
-        if stage.cfg.method.name == "ppo":
-            scores = [r["objective/scores"] for r in read_log(Path(stage.cfg.run.dir) / "metrics.jsonl")]
-            k = max(1, min(3, len(scores) // 2))
-            lines += [f"PPO `{stage.name}`: mean score of the rollouts {_fmt(sum(scores[:k]) / k)} over the first {k} "
-                      f"steps, {_fmt(sum(scores[-k:]) / k)} over the last {k}; final KL to the reference "
-                      f"{_fmt(s.get('objective/kl'))} nats per rollout.", ""]
+        lines += headline(stage, summaries[stage.name])
     policies = policy_rows(stages, evals)
     if policies:
         n = next(iter(evals.values())).get("rows")
@@ -110,7 +120,7 @@ def write_report(name: str, args: list[str], root: Path, stages, states: dict, s
     lines += ["## Training curves", ""]
     for stage in stages:
         records = read_log(Path(stage.cfg.run.dir) / "metrics.jsonl")
-        keys = KEY_METRICS.get(stage.cfg.method.name, ["loss"])
+        keys = list(method_record(stage.cfg.method.name).metrics)
         plot_curves(records, keys, f"{stage.name} ({stage.cfg.method.name})", plots / f"{stage.name}.png")
         lines += [f"![{stage.name}](plots/{stage.name}.png)", ""]
     header, rows = sample_columns(stages, evals, root)

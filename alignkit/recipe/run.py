@@ -15,11 +15,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config.compose import config_changes
-from ..config.rules import HEAD
 from ..errors import UsageError
 from ..eval.run import run_eval
-from ..stages.events import write_events
-from ..stages.runner import run_train
+from ..methods import method_record
+from ..session.events import write_events
+from ..train import run_train
 from .plan import Stage, plan_recipe
 from .report import write_report
 
@@ -79,7 +79,7 @@ def run_recipe(name: str, args: list[str], show_cfg: bool = False) -> dict:
             continue
         stage.cfg.run.resume = state == "resume"
         summaries[stage.name] = run_train(stage.cfg)
-    evals = {s.name: evaluate(Path(s.cfg.run.dir)) for s in stages if HEAD.get(s.cfg.method.name, "lm") == "lm"}
+    evals = {s.name: evaluate(Path(s.cfg.run.dir)) for s in stages if method_record(s.cfg.method.name).head != "score"}
     report = write_report(name, args, root, stages, states, summaries, evals, time.perf_counter() - started)
     print(f"alignkit: recipe {name} done: {report}", file=sys.stderr)
     return summaries

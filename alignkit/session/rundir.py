@@ -6,7 +6,6 @@ Imports nothing heavy (no torch): the CLI calls `preflight` before loading the t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -15,7 +14,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..config.compose import config_changes
-
 from ..data.load import Row, load_rows
 from ..errors import Interrupted, UsageError
 
@@ -92,20 +90,3 @@ def replacing(run_dir: Path, overwrite: bool):
         print(f"alignkit: {kept}", file=sys.stderr)
         raise
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of a resumed run's log up to `step` (later ones are redone); drop a torn last line."""
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line torn by a kill while it was written
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UsageError
-from .metrics_log import read_log
+from .logs import read_log
 
 
 def require_tensorboard() -> None:

@@ -9,13 +9,18 @@ single process makes on the global batch. Logged numbers are global (sums all-re
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
-from ..launch import under_launcher
-from .packed import causal_lm
+from ..forward.packed import causal_lm
+
+
+def under_launcher() -> bool:
+    """This process was started by torchrun (or accelerate launch), even as its only process."""
+    return "LOCAL_RANK" in os.environ
 
 
 def world() -> int:
@@ -129,8 +134,8 @@ def main_first(fn):
     return out
 
 
-class StageForward(torch.nn.Module):
-    """A stage's loss_fn on the model as one module call, so that DDP or FSDP sees exactly one
+class LossModule(torch.nn.Module):
+    """A method's loss function on the model as one module call, so that DDP or FSDP sees exactly one
     forward per backward although the loss calls the model (and its parts) several times."""
 
     def __init__(self, model, loss_fn):
@@ -149,12 +154,12 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def wrap(model, loss_fn, strategy: str, device: torch.device) -> torch.nn.Module:
-    """StageForward(model, loss_fn), under DDP or FSDP2 when there are several processes.
+    """LossModule(model, loss_fn), under DDP or FSDP2 when there are several processes.
 
     FSDP2 shards each decoder layer and, at the root, what is left (embeddings, head, adapters'
     virtual tokens); its parameters become DTensors in place, so the optimizer is made after this.
     """
-    forward = StageForward(model, loss_fn)
+    forward = LossModule(model, loss_fn)
     if strategy == "fsdp" and dist.is_initialized():  # one process under torchrun included: one shard each
         from torch.distributed.fsdp import fully_shard
 

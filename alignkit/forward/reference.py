@@ -1,0 +1,72 @@
+"""The reference policy: the same model with its adapters switched off (one base copy in memory), live or
+computed once before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.collate import to_device
+from ..models.fingerprint import weights_fingerprint
+from .logps import sequence_logps
+from .precision import autocast
+
+
+def adapters_off(model):
+    """Context in which `model` is its reference: adapters (LoRA, virtual tokens) off. A model without
+    adapters (full, bitdelta before training) is its own reference."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Summed completion log-probs of each row under the reference, (B,), no gradient."""
+    with torch.no_grad(), adapters_off(model):
+        return sequence_logps(model, batch)[0]
+
+
+def pair_reference(model, batch: dict) -> dict[str, torch.Tensor]:
+    """A preference batch's reference log-probs: {ref_chosen, ref_rejected}, (pairs,) each (chosen rows first)."""
+    lp, n = reference_sequence_logps(model, batch), batch["count"]
+    return {"ref_chosen": lp[:n], "ref_rejected": lp[n:]}
+
+
+def reference_key(model, examples: list, precision: str) -> str:
+    """What cached reference values depend on: the weights the reference runs on, the precision, the tokens."""
+    h = hashlib.sha256(f"{weights_fingerprint(model, skip_trainable=hasattr(model, 'disable_adapter'))}|"
+                       f"{precision}".encode())
+    for e in examples:
+        h.update(repr(sorted((k, v) for k, v in e.items() if not k.startswith("ref_") and k != "source")).encode())
+    return h.hexdigest()
+
+
+def precompute_reference(model, examples: list, collate, batch_size: int, device, precision: str, cache: Path,
+                         values=pair_reference) -> None:
+    """Store the reference values (values(model, batch) -> {name: (len(chunk),)}) in each example: from the cache
+    when its key matches, else from the live reference forward of the model as it is now, then cached."""
+    key = reference_key(model, examples, precision)
+    if cache.exists():
+        saved = load_file(cache)
+        if saved.pop("fingerprint").numpy().tobytes().decode() == key:
+            for name, column in saved.items():
+                for e, v in zip(examples, column.tolist()):
+                    e[name] = v
+            return
+    was_training = model.training
+    model.eval()
+    with autocast(precision, device):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            for name, column in values(model, to_device(collate(chunk), device)).items():
+                for e, v in zip(chunk, column.tolist()):
+                    e[name] = v
+    model.train(was_training)
+    names = [k for k in examples[0] if k.startswith("ref_")] if examples else []
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")  # renamed into place: a kill never leaves a torn cache
+    save_file({**{name: torch.tensor([e[name] for e in examples]) for name in names},
+               "fingerprint": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, tmp)
+    os.replace(tmp, cache)

@@ -1,0 +1,120 @@
+"""DPO and its family (cDPO, IPO, hinge, SimPO) on policy vs reference log-probs; `ipo` and `simpo` are presets.
+
+The reference is the same model with its adapters disabled. With no adapter to disable (an adapter that
+trains the base weights: full, bitdelta), or with method.precompute_ref=true, the reference log-probs are
+computed once before the first step by the same forward as the live reference and cached in the run dir
+(ref_logps.safetensors, keyed by the reference weights, the precision and the tokens), so a resumed run
+reuses them. SimPO has no reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+
+import torch
+from omegaconf import MISSING
+
+from ..adapters import ADAPTERS, packing
+from ..data.collate import collate_preference
+from ..data.tokenize import encode_rows
+from ..errors import UsageError, require
+from ..forward.logps import sequence_logps
+from ..forward.reference import pair_reference, precompute_reference, reference_sequence_logps
+from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from ..session import dist
+from .record import Method
+
+
+class DPOLoss(Enum):
+    sigmoid = "sigmoid"
+    cdpo = "cdpo"
+    ipo = "ipo"
+    hinge = "hinge"
+    simpo = "simpo"
+
+
+@dataclass
+class DPOMethod:
+    name: str = MISSING
+    beta: float = MISSING
+    loss: DPOLoss = MISSING
+    label_smoothing: float = MISSING
+    gamma: float = MISSING
+    precompute_ref: bool = MISSING
+
+
+def uses_reference(method) -> bool:
+    return method.loss.value != "simpo"
+
+
+def reference_logps(model, batch: dict) -> torch.Tensor:
+    if "ref_chosen" in batch:
+        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+    return reference_sequence_logps(model, batch)
+
+
+def preference_losses(method, policy, tokens, ref, n: int):
+    """Dispatch on method.loss; policy/tokens/ref are (2n,) with chosen rows first."""
+    name = method.loss.value
+    pc, pr, tc, tr = policy[:n], policy[n:], tokens[:n], tokens[n:]
+    if name == "simpo":
+        return simpo_loss(pc, pr, tc, tr, method.beta, method.gamma)
+    rc, rr = ref[:n], ref[n:]
+    if name in ("sigmoid", "cdpo"):
+        return dpo_loss(pc, pr, rc, rr, method.beta, method.label_smoothing)
+    if name == "ipo":
+        return ipo_loss(pc, pr, rc, rr, tc, tr, method.beta)
+    return hinge_loss(pc, pr, rc, rr, method.beta)
+
+
+def dpo_step(model, batch: dict, denominator: int, method):
+    n = batch["count"]
+    policy, tokens = sequence_logps(model, batch)
+    ref = reference_logps(model, batch) if uses_reference(method) else None
+    losses, chosen_r, rejected_r = preference_losses(method, policy, tokens, ref, n)
+    stats = {
+        "rewards/chosen": chosen_r.sum(),
+        "rewards/rejected": rejected_r.sum(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().sum(),  # strict, as TRL
+        "rewards/margins": (chosen_r - rejected_r).sum(),
+        "logps/chosen": policy[:n].detach().sum(),
+        "logps/rejected": policy[n:].detach().sum(),
+    }
+    return losses.sum() / denominator, stats
+
+
+def prepare(cfg, tokenizer, rows):
+    examples = encode_rows(tokenizer, rows, cfg.data, "preference")
+    return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id, packed=packing(cfg))
+
+
+def precomputed_reference(cfg) -> bool:
+    """The reference log-probs are computed before training: asked for, or no adapter to switch off."""
+    return uses_reference(cfg.method) and (cfg.method.precompute_ref or ADAPTERS[cfg.adapter.name].trains_base)
+
+
+def before_training(run) -> None:
+    """One reference pass before training (no reference forward, or second model copy, while training); rank 0
+    writes the cache, the other processes then read it."""
+    if precomputed_reference(run.cfg):
+        dist.main_first(lambda: precompute_reference(
+            run.model, run.train_examples + run.eval_examples, run.collate, run.cfg.train.eval_batch_size,
+            run.device, run.cfg.train.precision.value, run.run_dir / "ref_logps.safetensors"))
+
+
+def check(cfg) -> None:
+    m = cfg.method
+    require(m.beta > 0, "method.beta", m.beta, "must be > 0")
+    require(0 <= m.label_smoothing < 0.5, "method.label_smoothing", m.label_smoothing, "must be in [0, 0.5)")
+    if m.loss.value == "simpo" and m.precompute_ref:
+        raise UsageError("method.loss=simpo uses no reference model: drop method.precompute_ref=true")
+    if m.loss.value == "cdpo":
+        require(m.label_smoothing > 0, "method.label_smoothing", m.label_smoothing,
+                "method.loss=cdpo needs a label_smoothing > 0 (e.g. 0.1)")
+
+
+METHOD = Method("dpo", DPOMethod, data="preference", head="lm", adapters=tuple(ADAPTERS),
+                metrics=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"),
+                prepare=prepare, step=dpo_step, reference=uses_reference, reference_values=pair_reference,
+                check=check, before_training=before_training, presets=("ipo", "simpo"))

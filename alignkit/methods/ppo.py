@@ -1,0 +1,191 @@
+"""PPO-RLHF on one base model copy.
+
+policy = base + the trained adapter; reference = the same base with adapters off; value function = a
+zero-initialised Linear on the policy's last hidden state (one forward gives log-probs and values, as in
+lm-human-preferences); reward = the runner's reward function (a reward-model adapter on the same base, a
+separate RM, or a gold judge). Log-probs divide the logits by the sampling temperature in the rollout, the
+reference and the update alike.
+
+With several processes (DDP) each rolls out its share of every step's prompts and updates on its own
+rollouts through the DDP wrapper: the gradient is the rows-weighted mean of the processes' minibatch
+losses; logged numbers are global.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING
+from safetensors.torch import save_file
+
+from ..config.schema import SamplingConfig
+from ..config.validate import validate_sampling
+from ..data.tokenize import encode_prompts
+from ..errors import require
+from ..forward.policy import response_forward
+from ..forward.precision import autocast
+from ..forward.reference import adapters_off
+from ..generation.sample import sample_responses, sampling_config
+from ..objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards,
+                              value_loss, whiten)
+from ..session import dist
+from .record import Method
+
+
+class KLEstimator(Enum):
+    k1 = "k1"
+    k3 = "k3"
+
+
+@dataclass
+class PPOMethod(SamplingConfig):
+    name: str = MISSING
+    kl_coef: float = MISSING
+    kl_estimator: KLEstimator = MISSING
+    adaptive_kl: bool = MISSING
+    target_kl: float = MISSING
+    kl_horizon: float = MISSING
+    gamma: float = MISSING
+    lam: float = MISSING
+    whiten_advantages: bool = MISSING
+    clip_range: float = MISSING
+    vf_clip: float = MISSING
+    vf_coef: float = MISSING
+    ppo_epochs: int = MISSING
+    num_minibatches: int = MISSING
+    missing_eos_penalty: Optional[float] = MISSING
+    sample_every: int = MISSING
+
+
+def prepare(cfg, tokenizer, rows):
+    return encode_prompts(tokenizer, rows, cfg.data, cfg.method.max_new_tokens), None
+
+
+def rollout(ctx, examples: list) -> dict:
+    """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
+    m, device = ctx.cfg.method, ctx.device
+    started = time.perf_counter()
+    ids, attn, mask, has_eos = sample_responses(ctx.model, ctx.tokenizer, [e["prompt_ids"] for e in examples],
+                                                sampling_config(ctx.tokenizer, m), device)
+    gen_seconds = time.perf_counter() - started
+    n = mask.shape[1]
+    with torch.no_grad(), autocast(ctx.cfg.train.precision.value, device):
+        logp, values, entropy = response_forward(ctx.model, ids, attn, n, m.temperature, values=True)
+        with adapters_off(ctx.model):
+            ref_logp = response_forward(ctx.model, ids, attn, n, m.temperature)[0]
+    texts = [ctx.tokenizer.decode(r[k == 1], skip_special_tokens=True) for r, k in zip(ids[:, -n:], mask)]
+    scores = ctx.reward([e["row"] for e in examples], texts).to(device).float()
+    if m.missing_eos_penalty is not None:
+        scores = scores - m.missing_eos_penalty * (~has_eos).float()
+    maskf = mask.float()
+    kl = kl_penalty(logp, ref_logp, m.kl_estimator.value) * maskf
+    kl_coef = ctx.state["kl_coef"]
+    per_seq_kl = kl.sum(-1)
+    non_score = -kl_coef * per_seq_kl
+    metrics = {"objective/kl": float(per_seq_kl.mean()),
+               "objective/entropy": float((entropy * maskf).sum(-1).mean()),
+               "objective/non_score_reward": float(non_score.mean()),
+               "objective/scores": float(scores.mean()),
+               "objective/rlhf_reward": float((scores + non_score).mean()),
+               "val/mean": float(masked_mean(values * maskf, maskf)),
+               "response_length": float(maskf.sum(-1).mean()),
+               "eos_fraction": float(has_eos.float().mean()),
+               "kl_coef": kl_coef,
+               "gen_tokens_per_s": float(mask.sum()) / gen_seconds}
+    samples = [{"prompt": e["row"]["prompt"], "completion": t, "score": s}
+               for e, t, s in zip(examples, texts, scores.tolist())]
+    return {"ids": ids, "attn": attn, "mask": maskf, "logp": logp * maskf, "values": values * maskf,
+            "rewards": token_rewards(scores, kl, kl_coef, maskf), "metrics": metrics, "samples": samples,
+            "tokens": float(attn.sum()) * m.ppo_epochs}
+
+
+def minibatch_loss(model, mb: dict, denominator: int, method):
+    """The clipped policy + value loss of one minibatch (token means; denominator is 1) and its stats."""
+    logp, values, _ = response_forward(model, mb["ids"], mb["attn"], mb["mask"].shape[1], method.temperature,
+                                       values=True)
+    pg, clipfrac, approxkl = policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], method.clip_range)
+    vf, vf_clipfrac = value_loss(values, mb["values"], mb["returns"], mb["mask"], method.vf_clip)
+    loss = (pg + method.vf_coef * vf) / denominator
+    return loss, {"loss": loss, "loss/policy": pg, "loss/value": vf, "policy/clipfrac": clipfrac,
+                  "policy/approxkl": approxkl, "val/clipfrac": vf_clipfrac}
+
+
+def update(ctx, batch: dict, session, rows: int) -> dict:
+    """method.ppo_epochs passes of method.num_minibatches clipped updates over one rollout batch.
+
+    rows: this process's real rollouts (0 for a stand-in), which weight its loss and stats against the other
+    processes'. Returns the mean stats of the updates that ran (NaN/inf ones are skipped); then the adaptive
+    KL controller moves the coefficient."""
+    m, t, device = ctx.cfg.method, ctx.cfg.train, ctx.device
+    mask = batch["mask"]
+    advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
+    if m.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    generator = torch.Generator().manual_seed(t.seed * 100003 + ctx.step)  # minibatch order = f(seed, step)
+    stats: dict[str, float] = defaultdict(float)
+    updates = 0
+    ok_all = True
+    for _ in range(m.ppo_epochs):
+        order = torch.randperm(len(mask), generator=generator).to(device)
+        # every row in every epoch: minibatch sizes differ by at most one (a short last batch included); an
+        # empty one (fewer rows than minibatches) runs a stand-in row weighted 0, so every process makes the
+        # same optimizer steps and collectives
+        for idx in torch.tensor_split(order, m.num_minibatches):
+            real = len(idx) if rows else 0
+            global_rows = dist.all_sum({"rows": real})["rows"]
+            if global_rows == 0:  # more minibatches than rows on every process: nothing to update on
+                continue
+            idx = idx if len(idx) else order[:1]
+            scale = dist.world() * real / global_rows  # DDP averages the processes' gradients: weight by rows
+            mb = {"ids": batch["ids"][idx], "attn": batch["attn"][idx], "logp": batch["logp"][idx],
+                  "values": batch["values"][idx], "advantages": advantages[idx], "returns": returns[idx],
+                  "mask": mask[idx]}
+            with autocast(t.precision.value, device):
+                loss, mb_stats = ctx.forward(mb, 1)
+            session.backward(loss * scale)
+            lr = session.lr
+            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, real)
+            grad_norm, ok = session.optimizer_step(mb_stats["loss"])
+            ok_all &= ok
+            if not ok:
+                continue
+            for key, value in mb_stats.items():
+                stats[key] += value
+            stats["grad_norm"] += grad_norm
+            stats["lr"] += lr
+            updates += 1
+    if m.adaptive_kl and ok_all:  # a skipped step's NaN KL must not poison the coefficient
+        kl = dist.all_mean({"kl": batch["metrics"]["objective/kl"]}, rows)["kl"]
+        episodes = dist.all_sum({"rows": rows})["rows"]
+        ctx.state["kl_coef"] = adaptive_kl_coef(ctx.state["kl_coef"], kl, m.target_kl, m.kl_horizon, episodes)
+    return {k: v / max(updates, 1) for k, v in stats.items()}
+
+
+def finish(model, final: Path) -> None:
+    """final/value_head.safetensors: the value head, next to the policy adapter."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.v_head.state_dict().items()},
+              final / "value_head.safetensors")
+
+
+def check(cfg) -> None:
+    m, t = cfg.method, cfg.train
+    for key in ("kl_coef", "clip_range", "vf_clip", "vf_coef", "target_kl", "kl_horizon"):
+        require(m[key] >= 0 if key == "kl_coef" else m[key] > 0, f"method.{key}", m[key], "must be > 0")
+    require(0 <= m.gamma <= 1 and 0 <= m.lam <= 1, "method.gamma/lam", f"{m.gamma}/{m.lam}", "must be in [0, 1]")
+    validate_sampling(m, "method", greedy=False)
+    for key in ("ppo_epochs", "num_minibatches", "sample_every"):
+        require(m[key] >= 1, f"method.{key}", m[key], "must be >= 1")
+    require(m.num_minibatches <= t.batch_size, "method.num_minibatches", m.num_minibatches,
+            f"must be <= train.batch_size={t.batch_size} (rollouts per step)")
+
+
+METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=("prompt", "prefix", "lora", "qlora"),
+                metrics=("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value"),
+                prepare=prepare, step=minibatch_loss, rollout=rollout, update=update, check=check, finish=finish,
+                strategies=("ddp",), why_not_fsdp="rollouts generate on each process alone, which sharded weights "
+                "do not allow", state=lambda m: {"kl_coef": m.kl_coef})
