@@ -140,7 +140,8 @@ def _train(args: list[str]) -> int:
         for cfg in cfgs:
             print(OmegaConf.to_yaml(cfg))
         return 0
-    from .launch import spawn, under_launcher
+    from .launch import spawn
+    from .session import under_launcher
 
     if cfgs[0].launcher.value == "torchrun" and not under_launcher():
         return spawn(args, cfgs, base)
@@ -223,7 +224,7 @@ def _recipe(args: list[str]) -> int:
 
     if not args or args[0].startswith("-") or "=" in args[0]:
         raise UsageError(f"usage: alignkit recipe NAME [overrides] (recipes: {', '.join(recipe_names())})")
-    from .launch import under_launcher
+    from .session import under_launcher
 
     if under_launcher() or any(a.startswith(("launcher=", "nproc=")) for a in args):
         raise UsageError("alignkit recipe runs its stages in one process: launcher, nproc and torchrun are for "

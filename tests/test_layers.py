@@ -134,3 +134,17 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert imports("alignkit.data.x", path, {"alignkit.train"}) == {"alignkit.train"}
     assert layer_of("alignkit.data.x")[0] < layer_of("alignkit.train")[0]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_checking_a_config_loads_nothing_heavy():
+    """The registry is read to compose and check a config before any model code: a bad override fails in a
+    second. Method and adapter files import torch (and the layers that need it) inside their functions."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from alignkit.methods import METHODS, compose, validate; "
+            "[validate(compose([f'method={m}', 'reward=gold'])) for m in METHODS]; "
+            "print(sorted(k for k in ('torch', 'transformers', 'peft', 'bitsandbytes') if k in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -13,7 +13,6 @@ from typing import Optional
 from omegaconf import MISSING
 
 from ..errors import UsageError, require
-from ..models.blocks import block_linears
 from .lora import enable_checkpointing
 from .record import Adapter
 
@@ -34,6 +33,8 @@ class BitDeltaAdapter:
 
 
 def attach_bitdelta(model, adapter, train, task: str = "CAUSAL_LM"):
+    from ..models.blocks import block_linears
+
     if train.gradient_checkpointing:
         enable_checkpointing(model)
     trainable = {f"{name}.weight" for name in block_linears(model)}

@@ -13,7 +13,6 @@ from omegaconf import MISSING, OmegaConf
 
 from ..config.schema import Dtype
 from ..errors import require
-from ..models.load import resolve_dtype
 from .record import Adapter
 
 
@@ -77,6 +76,8 @@ def quantization_config(adapter, device, sharded: bool = False):
     FSDP can shard like the layers' other weights (bitsandbytes' FSDP-QLoRA setting); uint8 otherwise."""
     import torch
     from transformers import BitsAndBytesConfig
+
+    from ..models.load import resolve_dtype
 
     compute = resolve_dtype(adapter.compute_dtype.value, device)
     return BitsAndBytesConfig(

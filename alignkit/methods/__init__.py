@@ -61,6 +61,12 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
     if adapter.name not in method.adapters:
         raise UsageError(f"method={method.name} does not run with adapter={adapter.name} (valid adapters for "
                          f"{method.name}: {', '.join(method.adapters)}; see `alignkit list`)")
+    if method.online:  # it learns from scores of its own completions
+        if cfg.reward.kind.value == "model" and cfg.reward.run is None:
+            raise UsageError(f"method={method.name} needs a reward: reward.run=RM_RUN_DIR (a method=rm run) or "
+                             f"reward=gold")
+        if cfg.reward.kind.value == "gold" and cfg.data.task is None:
+            raise UsageError("reward=gold needs a built-in task (data.task=...) whose gold judge scores completions")
     if method.check is not None:
         method.check(cfg)
     if adapter.check is not None:

@@ -12,17 +12,11 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
-import torch
 from omegaconf import MISSING
 
 from ..adapters import ADAPTERS, packing
-from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
 from ..errors import UsageError, require
-from ..forward.logps import sequence_logps
-from ..forward.reference import pair_reference, precompute_reference, reference_sequence_logps
-from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
-from ..session import dist
 from .record import Method
 
 
@@ -48,7 +42,12 @@ def uses_reference(method) -> bool:
     return method.loss.value != "simpo"
 
 
-def reference_logps(model, batch: dict) -> torch.Tensor:
+def reference_logps(model, batch: dict):
+    """The reference's summed log-probs, (2n,): precomputed in the batch, or live (adapters off)."""
+    import torch
+
+    from ..forward.reference import reference_sequence_logps
+
     if "ref_chosen" in batch:
         return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
     return reference_sequence_logps(model, batch)
@@ -56,6 +55,8 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
 
 def preference_losses(method, policy, tokens, ref, n: int):
     """Dispatch on method.loss; policy/tokens/ref are (2n,) with chosen rows first."""
+    from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
+
     name = method.loss.value
     pc, pr, tc, tr = policy[:n], policy[n:], tokens[:n], tokens[n:]
     if name == "simpo":
@@ -69,6 +70,8 @@ def preference_losses(method, policy, tokens, ref, n: int):
 
 
 def dpo_step(model, batch: dict, denominator: int, method):
+    from ..forward.logps import sequence_logps
+
     n = batch["count"]
     policy, tokens = sequence_logps(model, batch)
     ref = reference_logps(model, batch) if uses_reference(method) else None
@@ -85,6 +88,8 @@ def dpo_step(model, batch: dict, denominator: int, method):
 
 
 def prepare(cfg, tokenizer, rows):
+    from ..data.collate import collate_preference
+
     examples = encode_rows(tokenizer, rows, cfg.data, "preference")
     return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id, packed=packing(cfg))
 
@@ -97,10 +102,19 @@ def precomputed_reference(cfg) -> bool:
 def before_training(run) -> None:
     """One reference pass before training (no reference forward, or second model copy, while training); rank 0
     writes the cache, the other processes then read it."""
+    from ..forward.reference import precompute_reference
+    from ..session import dist
+
     if precomputed_reference(run.cfg):
         dist.main_first(lambda: precompute_reference(
             run.model, run.train_examples + run.eval_examples, run.collate, run.cfg.train.eval_batch_size,
             run.device, run.cfg.train.precision.value, run.run_dir / "ref_logps.safetensors"))
+
+
+def pair_reference_values(model, batch: dict) -> dict:
+    from ..forward.reference import pair_reference
+
+    return pair_reference(model, batch)
 
 
 def check(cfg) -> None:
@@ -116,5 +130,5 @@ def check(cfg) -> None:
 
 METHOD = Method("dpo", DPOMethod, data="preference", head="lm", adapters=tuple(ADAPTERS),
                 metrics=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"),
-                prepare=prepare, step=dpo_step, reference=uses_reference, reference_values=pair_reference,
+                prepare=prepare, step=dpo_step, reference=uses_reference, reference_values=pair_reference_values,
                 check=check, before_training=before_training, presets=("ipo", "simpo"))

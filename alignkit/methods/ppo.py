@@ -19,21 +19,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import torch
 from omegaconf import MISSING
-from safetensors.torch import save_file
 
 from ..config.schema import SamplingConfig
 from ..config.validate import validate_sampling
 from ..data.tokenize import encode_prompts
 from ..errors import require
-from ..forward.policy import response_forward
-from ..forward.precision import autocast
-from ..forward.reference import adapters_off
-from ..generation.sample import sample_responses, sampling_config
-from ..objectives.ppo import (adaptive_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards,
-                              value_loss, whiten)
-from ..session import dist
 from .record import Method
 
 
@@ -68,6 +59,14 @@ def prepare(cfg, tokenizer, rows):
 
 def rollout(ctx, examples: list) -> dict:
     """Sample completions, score them, and compute old log-probs, values, reference log-probs, rewards."""
+    import torch
+
+    from ..forward.policy import response_forward
+    from ..forward.precision import autocast
+    from ..forward.reference import adapters_off
+    from ..generation.sample import sample_responses, sampling_config
+    from ..objectives.ppo import kl_penalty, masked_mean, token_rewards
+
     m, device = ctx.cfg.method, ctx.device
     started = time.perf_counter()
     ids, attn, mask, has_eos = sample_responses(ctx.model, ctx.tokenizer, [e["prompt_ids"] for e in examples],
@@ -106,6 +105,9 @@ def rollout(ctx, examples: list) -> dict:
 
 def minibatch_loss(model, mb: dict, denominator: int, method):
     """The clipped policy + value loss of one minibatch (token means; denominator is 1) and its stats."""
+    from ..forward.policy import response_forward
+    from ..objectives.ppo import policy_loss, value_loss
+
     logp, values, _ = response_forward(model, mb["ids"], mb["attn"], mb["mask"].shape[1], method.temperature,
                                        values=True)
     pg, clipfrac, approxkl = policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], method.clip_range)
@@ -121,6 +123,12 @@ def update(ctx, batch: dict, session, rows: int) -> dict:
     rows: this process's real rollouts (0 for a stand-in), which weight its loss and stats against the other
     processes'. Returns the mean stats of the updates that ran (NaN/inf ones are skipped); then the adaptive
     KL controller moves the coefficient."""
+    import torch
+
+    from ..forward.precision import autocast
+    from ..objectives.ppo import adaptive_kl_coef, gae, whiten
+    from ..session import dist
+
     m, t, device = ctx.cfg.method, ctx.cfg.train, ctx.device
     mask = batch["mask"]
     advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
@@ -168,6 +176,8 @@ def update(ctx, batch: dict, session, rows: int) -> dict:
 
 def finish(model, final: Path) -> None:
     """final/value_head.safetensors: the value head, next to the policy adapter."""
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().cpu().contiguous() for k, v in model.v_head.state_dict().items()},
               final / "value_head.safetensors")
 

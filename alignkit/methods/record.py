@@ -1,5 +1,10 @@
 """What a method is: one record per method, exported by its own file, read by the registry's users
-(`alignkit list`, validation, the runner, eval, plots, recipes, the every-cell test)."""
+(`alignkit list`, validation, the runner, eval, plots, recipes, the every-cell test).
+
+A method file keeps its module-level imports light (its schema, checks and record); its functions import
+torch and the layers below where they run. So reading the registry to compose and check a config loads
+nothing heavy, and a bad override fails in a second, before torch is imported.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,11 +6,8 @@ from functools import partial
 
 from omegaconf import MISSING
 
-from ..data.collate import collate_preference
 from ..data.tokenize import encode_rows
 from ..errors import require
-from ..forward.scores import last_token_scores
-from ..objectives import bradley_terry_loss
 from .record import Method
 
 
@@ -22,6 +19,9 @@ class RMMethod:
 
 
 def rm_step(model, batch: dict, denominator: int, method):
+    from ..forward.scores import last_token_scores
+    from ..objectives import bradley_terry_loss
+
     n = batch["count"]
     scores = last_token_scores(model, batch)
     chosen, rejected = scores[:n], scores[n:]
@@ -37,6 +37,8 @@ def rm_step(model, batch: dict, denominator: int, method):
 
 
 def prepare(cfg, tokenizer, rows):
+    from ..data.collate import collate_preference
+
     return encode_rows(tokenizer, rows, cfg.data, "preference"), partial(collate_preference,
                                                                          pad_id=tokenizer.pad_token_id)
 

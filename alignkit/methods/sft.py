@@ -7,10 +7,7 @@ from functools import partial
 from omegaconf import MISSING
 
 from ..adapters import ADAPTERS, packing
-from ..data.collate import collate_sft
 from ..data.tokenize import encode_rows
-from ..forward.logps import counted_token_logps
-from ..objectives import sft_loss
 from .record import Method
 
 
@@ -21,11 +18,16 @@ class SFTMethod:
 
 
 def sft_step(model, batch: dict, denominator: int, method=None):
+    from ..forward.logps import counted_token_logps
+    from ..objectives import sft_loss
+
     lp, mask = counted_token_logps(model, batch)
     return sft_loss(lp, mask, num_tokens=denominator), {}
 
 
 def prepare(cfg, tokenizer, rows):
+    from ..data.collate import collate_sft
+
     examples = encode_rows(tokenizer, rows, cfg.data, "sft", cfg.method.completion_only_loss)
     return examples, partial(collate_sft, pad_id=tokenizer.pad_token_id, packed=packing(cfg))
 

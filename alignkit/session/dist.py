@@ -9,18 +9,13 @@ single process makes on the global batch. Logged numbers are global (sums all-re
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
 from ..forward.packed import causal_lm
-
-
-def under_launcher() -> bool:
-    """This process was started by torchrun (or accelerate launch), even as its only process."""
-    return "LOCAL_RANK" in os.environ
+from . import under_launcher
 
 
 def world() -> int:
