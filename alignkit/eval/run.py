@@ -17,7 +17,7 @@ from ..config.validate import validate
 from ..data.collate import collate_preference
 from ..data.load import load_rows, split_eval
 from ..data.tasks import TASKS
-from ..data.tokenize import encode_rows
+from ..data.tokenize import encode_rows, row_prompt
 from ..errors import UsageError
 from ..models.load import load_base_model, load_run, pick_device
 from ..stages import dpo, rm
@@ -104,7 +104,7 @@ def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
 def kl_metrics(model, tokenizer, cfg, rows) -> dict:
     """kl_to_ref: KL(policy || reference) in nats per completion, the k1 estimate (sum over tokens of
     log p - log p_ref) on completions sampled from the policy at temperature 1; reference = adapters off."""
-    prompts = [r["prompt"] for _, r in rows if r.get("prompt") is not None][: cfg.sample.num_prompts]
+    prompts = [p for _, r in rows if (p := row_prompt(r))][: cfg.sample.num_prompts]
     if cfg.method.name == "rm" or not prompts or not hasattr(model, "disable_adapter"):
         return {}
     device = next(model.parameters()).device
@@ -140,7 +140,7 @@ def run_generate(args: list[str]) -> list[dict]:
     model, tokenizer, cfg, _ = target(args)
     device = next(model.parameters()).device
     prompts = list(cfg.sample.prompts) if cfg.sample.prompts else \
-        [r["prompt"] for _, r in held_out(cfg)[1]][: cfg.sample.num_prompts]
+        [p for _, r in held_out(cfg)[1] if (p := row_prompt(r))][: cfg.sample.num_prompts]
     outputs = generate(model, tokenizer, prompts, cfg.sample, device, cfg.train.seed)
     records = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
     for record in records:
