@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import get_scheduler
 
 from ..adapters.prompt import virtual_token_inputs
-from ..data.tokenize import encode_prompt, template_args
+from ..data.tokenize import encode_prompt
 from ..errors import UsageError
 from ..eval.sample import generation_config, left_pad
 from ..objectives import token_logps
@@ -50,8 +50,7 @@ def encode_prompts(tokenizer, rows, data, max_new_tokens: int) -> list[dict]:
     for where, row in rows:
         if row.get("prompt") is None:
             raise UsageError(f"{where}: a PPO row needs a 'prompt' (found: {', '.join(row) or 'nothing'})")
-        ids = encode_prompt(tokenizer, row["prompt"], template_args(where, row), where)
-        out.append({"prompt_ids": ids[-keep:], "row": row})
+        out.append({"prompt_ids": encode_prompt(tokenizer, row["prompt"])[-keep:], "row": row})
     return out
 
 
