@@ -18,7 +18,7 @@ from ..data.collate import collate_preference
 from ..data.load import load_rows
 from ..data.split import held_out_rows, split_items
 from ..data.tasks import TASKS
-from ..data.tokenize import encode_rows
+from ..data.tokenize import encode_rows, row_prompt
 from ..errors import UsageError
 from ..models.cache import cache_root
 from ..models.fingerprint import weights_fingerprint
@@ -111,7 +111,7 @@ def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
 def kl_metrics(model, tokenizer, cfg, rows) -> dict:
     """kl_to_ref: KL(policy || reference) in nats per completion, the k1 estimate (sum over tokens of
     log p - log p_ref) on completions sampled from the policy at temperature 1; reference = adapters off."""
-    prompts = [r["prompt"] for _, r in rows if r.get("prompt") is not None][: cfg.sample.num_prompts]
+    prompts = [p for _, r in rows if (p := row_prompt(r))][: cfg.sample.num_prompts]
     if cfg.method.name == "rm" or not prompts or not hasattr(model, "disable_adapter"):
         return {}
     device = next(model.parameters()).device
@@ -147,7 +147,7 @@ def run_generate(args: list[str]) -> list[dict]:
     model, tokenizer, cfg, run_dir = target(args)
     device = next(model.parameters()).device
     prompts = list(cfg.sample.prompts) if cfg.sample.prompts else \
-        [r["prompt"] for _, r in held_out(cfg, run_dir)[1]][: cfg.sample.num_prompts]
+        [p for _, r in held_out(cfg, run_dir)[1] if (p := row_prompt(r))][: cfg.sample.num_prompts]
     outputs = generate(model, tokenizer, prompts, cfg.sample, device, cfg.train.seed)
     records = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
     for record in records:
