@@ -43,8 +43,10 @@ def data_cfg(**kw):
 
 
 def encode(tok, *rows, kind="preference", completion_only=True):
-    return encode_rows(tok, [(f"f.jsonl line {i + 1}", r) for i, r in enumerate(rows)], data_cfg(), kind,
-                       completion_only)
+    """Encoded rows without their `source` (the row's place, checked by test_heldout)."""
+    out = encode_rows(tok, [(f"f.jsonl line {i + 1}", r) for i, r in enumerate(rows)], data_cfg(), kind,
+                      completion_only)
+    return [{k: v for k, v in e.items() if k != "source"} for e in out]
 
 
 def masked(prompt: list[int], completion: list[int]) -> dict:
