@@ -11,7 +11,8 @@ Usage::
 ``DIR`` is a local HF model dir (safetensors + tokenizer, with a chat template for conversational data).
 ``FILE.jsonl`` rows are TRL preference rows, either conversational
 ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`` or plain strings
-``{"prompt": str, "chosen": str, "rejected": str}``.
+``{"prompt": str, "chosen": str, "rejected": str}``; without "prompt" (in the first row) TRL extracts the
+implicit prompt (``extract_prompt``), and "tools" / "chat_template_kwargs" columns reach the chat template.
 
 One batch = the whole file
 --------------------------
@@ -58,7 +59,7 @@ Output JSON (printed to stdout and written to --out)
   i.e. ~5e-5 on a 9-token completion -- use fp64 or a tolerance of ~1e-4 when comparing).
 * "row_logps_chosen_after_step", "row_logps_rejected_after_step": the same after the single optimizer step
   (useful to compare the update; with LoRA they depend on TRL's random LoRA-A init, so only meaningful for
-  --no-lora or an identical init).
+  --no-lora or an identical init). With --lr 0 the step changes nothing and they are the initial numbers.
 * "check": |mean(row_logps_*) - logged logps/*| as a self-consistency check, plus "wall_time_s".
 
 What TRL 1.16 actually does (read from trl/trainer/dpo_trainer.py and trl/data_utils.py)
@@ -339,7 +340,10 @@ def run(args):
         raise SystemExit(f"no step-1 log entry in log_history: {trainer.state.log_history}")
     logged = step1[0]
 
-    row_c_after, row_r_after = all_row_logps(trainer.model, ds, max_length)
+    if args.lr == 0:  # AdamW at lr 0 (no weight decay) leaves the weights as they were: skip the forwards
+        row_c_after, row_r_after = row_c, row_r
+    else:
+        row_c_after, row_r_after = all_row_logps(trainer.model, ds, max_length)
 
     result = {k: logged.get(k) for k in METRIC_KEYS}
     for k in EXTRA_METRIC_KEYS:

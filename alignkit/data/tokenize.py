@@ -1,50 +1,125 @@
-"""TRL's data formats -> token ids with a completion mask.
+"""TRL's data formats -> token ids with a completion mask, by TRL 1.16's rules.
 
-Standard rows: prompt then completion, EOS appended to the completion, and
-prompt + completion tokenized jointly. Conversational rows: the prompt goes
-through the chat template with the generation prompt; the completion is the
-rest of the templated prompt + completion conversation (end-of-turn tokens
-included), no EOS added. The completion is the token suffix after the prompt.
+Standard rows: EOS is appended to the completion and prompt + completion is tokenized as one string.
+Conversational rows: the prompt goes through the chat template with the generation prompt, prompt +
+completion without it (no EOS added: the completion ends with the template's end-of-turn tokens); the
+row's `tools` and `chat_template_kwargs` reach the template both times. The completion starts where the
+tokenized prompt and the tokenized prompt + completion first differ: right after the prompt, unless a
+token merges across the boundary or the template renders the prompt alone differently (warned once).
+Chosen and rejected share the shorter of their two prompts. A preference row without `prompt` has an
+implicit one: the longest common prefix of chosen and rejected (TRL's `extract_prompt`).
 """
 from __future__ import annotations
 
+import json
 import sys
+
+from jinja2 import TemplateError
 
 from ..errors import UsageError
 
 Example = dict  # {"input_ids": [...], "completion_mask": [...]}
+SET_BY_ALIGNKIT = ("conversation", "tokenize", "add_generation_prompt", "return_dict")
+_divergence_warned = False  # the divergence warning is printed once per process (one run)
 
 
 def is_conversational(value) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    """A list of chat messages (dicts with a role; an assistant turn may hold tool_calls and no content)."""
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _chat(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=True)
+def extract_prompt(chosen, rejected) -> tuple:
+    """(prompt, chosen, rejected): the prompt is the longest common prefix of chosen and rejected, message by
+    message or character by character; a string prompt leaves the space before the answers to them. As TRL's
+    `extract_prompt`, also where one side is a prefix of the other: the last common item stays in the answers,
+    so neither is empty. Where they differ from the first item on, the prompt is empty."""
+    shortest = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shortest) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = max(shortest - 1, 0)
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def template_args(where: str, row: dict) -> dict:
+    """The row's `tools` (a list of tool schemas, or its JSON string) and `chat_template_kwargs`, as
+    apply_chat_template keyword arguments."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: 'tools' is a string but not JSON ({exc.msg})") from exc
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise UsageError(f"{where}: 'tools' must be a list of tool schemas (JSON objects) or its JSON string")
+    kwargs = row.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or any(k in SET_BY_ALIGNKIT for k in kwargs):
+        raise UsageError(f"{where}: 'chat_template_kwargs' must be an object of template variables "
+                         f"(not {', '.join(SET_BY_ALIGNKIT)})")
+    return {"tools": tools, **kwargs}
+
+
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def warn_divergence(where: str, dropped: str) -> None:
+    global _divergence_warned
+    if not _divergence_warned:
+        _divergence_warned = True
+        print(f"alignkit: {where}: the tokenized prompt is not a prefix of the tokenized prompt + completion (a "
+              f"token merges across the boundary, or the chat template renders the prompt alone differently); "
+              f"the completion starts where they diverge, leaving the prompt's end {dropped!r} out of the "
+              f"training sequence (shown once; other rows may be alike)", file=sys.stderr)
+
+
+def _chat(tokenizer, messages, add_generation_prompt: bool, template: dict, where: str) -> list[int]:
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                            return_dict=True, **template)
+    except (TemplateError, ValueError) as exc:  # the template refused this row (roles, tools, no template)
+        raise UsageError(f"{where}: the chat template failed: {str(exc).strip().splitlines()[0]}") from exc
     return list(out["input_ids"])
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
+def encode_prompt(tokenizer, prompt, template: dict | None = None, where: str = "prompt") -> list[int]:
     """A prompt alone, as it precedes a completion: chat template + generation prompt for messages."""
     if is_conversational(prompt):
-        return _chat(tokenizer, prompt, add_generation_prompt=True)
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return _chat(tokenizer, prompt, True, template or {}, where)
+    return tokenizer(prompt)["input_ids"]
 
 
-def encode_pair(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
-    """Return (prompt_ids, completion_ids) for one prompt and one completion."""
-    if is_conversational(completion):
-        prompt = prompt if prompt is not None else []
-        prompt_ids = _chat(tokenizer, prompt, add_generation_prompt=True) if prompt else []
-        full = _chat(tokenizer, prompt + completion, add_generation_prompt=False)
+def encode_completions(tokenizer, prompt, completions: list, template: dict | None = None,
+                       where: str = "data") -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [completion_ids per completion]): each prompt + completion is tokenized whole and the
+    completions start at the shortest common prefix of the tokenized prompt with them (TRL's prompt_len).
+    prompt None (SFT text rows) or an empty conversation: no prompt tokens."""
+    template = template or {}
+    if is_conversational(completions[0]):
+        prompt = prompt or []
+        fulls = [_chat(tokenizer, prompt + c, False, template, where) for c in completions]
+        prompt_ids = _chat(tokenizer, prompt, True, template, where) if prompt else []  # HF refuses empty chats
     else:
-        prompt = prompt or ""
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
         eos = tokenizer.eos_token or ""
-        text = completion if completion.endswith(eos) else completion + eos
-        full = tokenizer(prompt + text, add_special_tokens=True)["input_ids"]
-    return prompt_ids, full[len(prompt_ids):]
+        fulls = [tokenizer((prompt or "") + (c if c.endswith(eos) else c + eos))["input_ids"] for c in completions]
+        prompt_ids = tokenizer(prompt)["input_ids"] if prompt is not None else []
+    n = min(common_prefix_length(prompt_ids, full) for full in fulls)
+    if n < len(prompt_ids):
+        warn_divergence(where, tokenizer.decode(prompt_ids[n:]))
+    return prompt_ids[:n], [full[n:] for full in fulls]
+
+
+def encode_pair(tokenizer, prompt, completion, template: dict | None = None,
+                where: str = "data") -> tuple[list[int], list[int]]:
+    """Return (prompt_ids, completion_ids) for one prompt and one completion."""
+    prompt_ids, (completion_ids,) = encode_completions(tokenizer, prompt, [completion], template, where)
+    return prompt_ids, completion_ids
 
 
 def truncate(prompt_ids, completion_ids, max_length: int, max_prompt_length) -> Example | None:
@@ -82,28 +157,50 @@ def sft_parts(where: str, row: dict):
                      f"(found: {', '.join(row) or 'nothing'})")
 
 
+def same_kind(where: str, first: str, a, second: str, b) -> None:
+    if is_conversational(a) != is_conversational(b):
+        raise UsageError(f"{where}: '{first}' and '{second}' must both be strings or both be messages")
+
+
 def encode_sft(tokenizer, where: str, row: dict, data, completion_only: bool) -> Example | None:
     prompt, completion = sft_parts(where, row)
-    if isinstance(completion, str) and prompt is not None and is_conversational(prompt):
-        raise UsageError(f"{where}: prompt and completion must both be strings or both be messages")
-    ex = truncate(*encode_pair(tokenizer, prompt, completion), data.max_length, data.max_prompt_length)
+    if prompt is not None:
+        same_kind(where, "prompt", prompt, "completion", completion)
+    ids = encode_pair(tokenizer, prompt, completion, template_args(where, row), where)
+    ex = truncate(*ids, data.max_length, data.max_prompt_length)
     if ex is not None and not completion_only:
         ex["completion_mask"] = [1] * len(ex["input_ids"])
     return ex
 
 
-def encode_preference(tokenizer, where: str, row: dict, data) -> Example | None:
-    prompt = _field(where, row, "prompt") if "prompt" in row else None
+def preference_parts(where: str, row: dict) -> tuple:
+    """(prompt, chosen, rejected) of a preference row, the prompt explicit or implicit (no `prompt` field)."""
     chosen, rejected = _field(where, row, "chosen"), _field(where, row, "rejected")
-    if is_conversational(chosen) != is_conversational(rejected):
-        raise UsageError(f"{where}: 'chosen' and 'rejected' must both be strings or both be messages")
+    same_kind(where, "chosen", chosen, "rejected", rejected)
+    if row.get("prompt") is None:
+        return extract_prompt(chosen, rejected)
+    prompt = _field(where, row, "prompt")
+    same_kind(where, "prompt", prompt, "chosen", chosen)
+    return prompt, chosen, rejected
+
+
+def row_prompt(row: dict):
+    """A row's prompt for sampling: its `prompt`, or the implicit one of a preference row (None if neither)."""
+    if row.get("prompt") is not None or not {"chosen", "rejected"} <= row.keys():
+        return row.get("prompt")
+    return preference_parts("row", row)[0]
+
+
+def encode_preference(tokenizer, where: str, row: dict, data) -> Example | None:
+    prompt, chosen, rejected = preference_parts(where, row)
     pair = {}
     if row.get("margin") is not None:
         if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
             raise UsageError(f"{where}: 'margin' must be a number")
         pair["margin"] = float(row["margin"])
-    for side, completion in (("chosen", chosen), ("rejected", rejected)):
-        ex = truncate(*encode_pair(tokenizer, prompt, completion), data.max_length, data.max_prompt_length)
+    prompt_ids, answers = encode_completions(tokenizer, prompt, [chosen, rejected], template_args(where, row), where)
+    for side, completion_ids in zip(("chosen", "rejected"), answers):
+        ex = truncate(prompt_ids, completion_ids, data.max_length, data.max_prompt_length)
         if ex is None:
             return None
         pair[side] = ex

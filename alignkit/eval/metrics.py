@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from ..adapters import base_load_options
 from ..data.collate import collate_preference
 from ..data.tasks import TASKS
-from ..data.tokenize import encode_rows
+from ..data.tokenize import encode_rows, row_prompt
 from ..forward.policy import response_forward
 from ..forward.reference import adapters_off, pair_reference, precompute_reference
 from ..generation.sample import generate, generation_config, prompt_ids, sample_responses
@@ -87,7 +87,7 @@ def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
 def kl_metrics(model, tokenizer, cfg, rows) -> dict:
     """kl_to_ref: KL(policy || reference) in nats per completion, the k1 estimate (sum over tokens of
     log p - log p_ref) on completions sampled from the policy at eval.kl_temperature; reference = adapters off."""
-    prompts = [r["prompt"] for _, r in rows if r.get("prompt") is not None][: cfg.sample.num_prompts]
+    prompts = [p for _, r in rows if (p := row_prompt(r))][: cfg.sample.num_prompts]
     if method_record(cfg.method.name).head == "score" or not prompts or not hasattr(model, "disable_adapter"):
         return {}
     device, temperature = next(model.parameters()).device, cfg.eval.kl_temperature

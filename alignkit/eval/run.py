@@ -12,6 +12,7 @@ from ..adapters import base_load_options
 from ..config.compose import check_overrides
 from ..data.load import load_rows
 from ..data.split import held_out_rows, split_items
+from ..data.tokenize import row_prompt
 from ..errors import UsageError
 from ..generation.sample import generate
 from ..io import atomic_json
@@ -69,7 +70,7 @@ def run_generate(args: list[str]) -> list[dict]:
     model, tokenizer, cfg, run_dir = target(args)
     device = next(model.parameters()).device
     prompts = list(cfg.sample.prompts) if cfg.sample.prompts else \
-        [r["prompt"] for _, r in held_out(cfg, run_dir)[1]][: cfg.sample.num_prompts]
+        [p for _, r in held_out(cfg, run_dir)[1] if (p := row_prompt(r))][: cfg.sample.num_prompts]
     outputs = generate(model, tokenizer, prompts, cfg.sample, device, cfg.train.seed)
     records = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
     for record in records:

@@ -22,13 +22,16 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 256 byte tokens + 4 specials (vocab 260)."""
+def build_tiny_tokenizer(merges: tuple[tuple[str, str], ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte tokens + 4 specials (vocab 260), then one token per BPE merge
+    (byte-level symbols: "Ġ" is the space), for tests of tokens that merge across a boundary."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(

@@ -27,7 +27,7 @@ def score_texts(model, tokenizer, prompts: list, completions: list, max_length: 
     device = next(model.parameters()).device
     examples = []
     for prompt, completion in zip(prompts, completions):
-        p, c = encode_pair(tokenizer, prompt, completion)
+        p, c = encode_pair(tokenizer, prompt, completion, where="reward model input")
         ids = (p + c)[:max_length]
         examples.append({"input_ids": ids, "completion_mask": [0] * len(ids)})
     scores = []
