@@ -11,7 +11,7 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one stage: method=sft|rm|dpo (ipo, simpo)|ppo
+  train     run one method: method=sft|rm|dpo (ipo, simpo)|ppo (alignkit list shows all)
             adapter=lora|qlora|full|prompt|prefix|bitdelta model=... data=...
   eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
             DPO metrics vs its reference and the gold score of greedy generations; writes eval.json

@@ -73,16 +73,22 @@ def test_packed_pair_logps_equal_lone_forwards(tiny_model, attn):
     tiny_model.config._attn_implementation = attn
     pairs = random_pairs(7, 64)
     batch = collate_preference(pairs, pad_id=0, packed=True)
-    assert can_pack(tiny_model)
     assert batch["packed"]["input_ids"].numel() < batch["input_ids"].numel()  # less than padded
+    assert_packed_equals_padded_and_lone(tiny_model, pairs, batch)
+    tiny_model.config._attn_implementation = "sdpa"
+
+
+def assert_packed_equals_padded_and_lone(model, pairs, batch):
+    """Packed log-probs == padded ones == lone unpadded forwards of each sequence (fp64 log-softmax)."""
+    assert can_pack(model)
     with torch.no_grad():
-        packed, tokens = sequence_logps(tiny_model, batch)
-        padded, tokens_padded = sequence_logps(tiny_model, {k: v for k, v in batch.items() if k != "packed"})
-    expect = [plain_logp(tiny_model, e[side]) for side in ("chosen", "rejected") for e in pairs]
+        packed, tokens = sequence_logps(model, batch)
+        padded, tokens_padded = sequence_logps(model, {k: v for k, v in batch.items() if k != "packed"})
+    expect = [plain_logp(model, e[side]) for side in ("chosen", "rejected") for e in pairs]
     torch.testing.assert_close(packed.double(), torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert tokens.tolist() == tokens_padded.tolist()
-    tiny_model.config._attn_implementation = "sdpa"
+    return packed
 
 
 def test_packed_gradients_equal_padded(tiny_model):
@@ -155,13 +161,7 @@ def test_packed_equals_padded_with_a_sliding_window(kind, attn):
     pairs = random_pairs(6, 64, seed=3)
     assert max(len(e["chosen"]["input_ids"]) for e in pairs) > 8  # well past the window
     batch = collate_preference(pairs, pad_id=0, packed=True)
-    assert can_pack(model)
-    with torch.no_grad():
-        packed, _ = sequence_logps(model, batch)
-        padded, _ = sequence_logps(model, {k: v for k, v in batch.items() if k != "packed"})
-    expect = [plain_logp(model, e[side]) for side in ("chosen", "rejected") for e in pairs]
-    torch.testing.assert_close(packed.double(), torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    packed = assert_packed_equals_padded_and_lone(model, pairs, batch)
     # and the window matters here: without it the packed numbers differ
     full = model.config.sliding_window
     model.config.sliding_window = None

@@ -78,7 +78,7 @@ def test_shell_script_runs_the_recipes_train_commands(tmp_path, name):
 def test_metrics_log_drops_what_an_interrupted_run_wrote_after_its_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    with open_log(path, start=2) as f:
+    with open_log(path, resumed_at=2) as f:
         f.write(json.dumps({"step": 3, "loss": 30}) + "\n")
     assert [(r["step"], r["loss"]) for r in read_log(path)] == [(1, 1), (2, 2), (3, 30)]
 
@@ -134,8 +134,9 @@ def test_rlhf_recipe_runs_end_to_end_with_tensorboard(tmp_path):
     assert list(summaries) == ["sft", "rm", "ppo"] and summaries["ppo"]["train_steps"] == 2
     assert "accuracy" in summaries["rm"] and "objective/kl" in summaries["ppo"]
     report = (root / "report.md").read_text()
-    assert "Reward model `rm`: held-out accuracy" in report and "| ppo | sft |" in report
-    assert "PPO `ppo`: mean score of the rollouts" in report
+    # each stage's first headline metric: the reward model's held-out accuracy, PPO's rollout scores early and late
+    assert "`rm` (rm): held-out `accuracy`" in report and "| ppo | sft |" in report
+    assert "`ppo` (ppo): `objective/scores`" in report and "over the first" in report
     for stage in ("sft", "rm", "ppo"):
         assert (root / "plots" / f"{stage}.png").exists()
         assert bool(list((root / stage / "tensorboard").glob("events.out.tfevents.*"))) == tensorboard

@@ -7,7 +7,7 @@ from .artifact import artifact_bytes
 from .compress import Delta
 
 SHOWN_EXTRAS = 3  # the largest changed tensors named in the table; compress.json lists them all
-STAGES = ("base", "initial", "distilled", "finetuned")
+MODELS = ("base", "initial", "distilled", "finetuned")
 TITLES = {"base": "base (no delta)", "initial": "BitDelta, α = mean|Δ|", "distilled": "BitDelta, distilled α",
           "finetuned": "fine-tuned"}
 
@@ -45,10 +45,10 @@ def _numel(shape) -> int:
 def summary_metrics(report: dict) -> dict:
     """Flat `bitdelta/...` numbers for summary.json."""
     out = {"bitdelta/size_ratio": report["size"]["ratio"], "bitdelta/artifact_bytes": report["size"]["artifact_bytes"]}
-    for stage in ("initial", "distilled"):
-        for key, value in report["fidelity"][stage].items():
+    for model in ("initial", "distilled"):
+        for key, value in report["fidelity"][model].items():
             if key != "tokens" and value is not None:
-                out[f"bitdelta/{key}_{stage}"] = value
+                out[f"bitdelta/{key}_{model}"] = value
     return out
 
 
@@ -83,11 +83,11 @@ def print_report(report: dict) -> None:
     for column in ("model", "KL(fine-tuned || model)/token", "next-token agreement", "gold score",
                    "gold vs fine-tuned"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for stage in STAGES:
-        row = fid[stage]
+    for model in MODELS:
+        row = fid[model]
         gold = "-" if row.get("gold") is None else f"{row['gold']:.3f}"
         kept = "-" if row.get("gold_vs_finetuned") is None else f"{row['gold_vs_finetuned']:.0%}"
-        table.add_row(TITLES[stage], f"{row['kl']:.4g}", f"{row['agreement']:.2%}", gold, kept)
+        table.add_row(TITLES[model], f"{row['kl']:.4g}", f"{row['agreement']:.2%}", gold, kept)
     console = Console()
     console.print(sizes)
     console.print(table)

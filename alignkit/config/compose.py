@@ -83,8 +83,8 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 def group_options() -> dict[str, list[str]]:
     """Option names of each config group, from the YAML files."""
     root = config_dir()
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+    return {  # a file named _NAME is shared by the options of its group, not an option itself
+        d.name: sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))
         for d in sorted(root.iterdir())
         if d.is_dir() and any(d.glob("*.yaml"))
     }

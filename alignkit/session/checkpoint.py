@@ -118,7 +118,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def save_final(path: Path, model, tokenizer, extra=None, state_dict=None) -> None:
     """final/: a peft adapter dir (the trained "default" adapter only) or a full model dir, plus the
-    tokenizer; extra(tmp_dir) adds stage-specific files (PPO's value head). state_dict: the model's
+    tokenizer; extra(tmp_dir) adds a method's files (PPO's value head). state_dict: the model's
     whole tensors when FSDP shards it (dist.gathered_state); None = read the model."""
     def write(tmp: Path) -> None:
         kwargs = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}
