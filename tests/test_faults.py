@@ -64,13 +64,14 @@ def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
 
 # PPO with the options no other test runs: several minibatches, the adaptive KL controller (its
 # coefficient is part of the checkpoint), the k3 estimator and unwhitened advantages
-PPO_OPTIONS = ("reward=gold", "method.max_new_tokens=6", "method.ppo_epochs=2", "method.num_minibatches=2",
+PPO_OPTIONS = ("train.max_steps=12", "reward=gold", "method.max_new_tokens=6", "method.ppo_epochs=2",
+               "method.num_minibatches=2",
                "method.adaptive_kl=true", "method.kl_horizon=20", "method.kl_estimator=k3",
                "method.whiten_advantages=false")
 
 
 @pytest.mark.parametrize("method,kills,options", [("sft", 1, ()), ("dpo", 2, ()), ("rm", 1, ()),
-                                                  ("ppo", 2, PPO_OPTIONS)], ids=["sft", "dpo", "rm", "ppo"])
+                                                  ("ppo", 1, PPO_OPTIONS)], ids=["sft", "dpo", "rm", "ppo"])
 def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the_run(tmp_path, method, kills,
                                                                                      options):
     args = [f"method={method}", *RESUMABLE, *options]

@@ -13,7 +13,6 @@ losses; logged numbers are global.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -118,60 +117,30 @@ def minibatch_loss(model, mb: dict, denominator: int, method):
 
 
 def update(ctx, batch: dict, session, rows: int) -> dict:
-    """method.ppo_epochs passes of method.num_minibatches clipped updates over one rollout batch.
-
-    rows: this process's real rollouts (0 for a stand-in), which weight its loss and stats against the other
-    processes'. Returns the mean stats of the updates that ran (NaN/inf ones are skipped); then the adaptive
-    KL controller moves the coefficient."""
+    """method.ppo_epochs passes of method.num_minibatches clipped updates over one rollout batch
+    (session.loops.minibatch_updates: every row in every pass), then the adaptive KL controller moves the
+    coefficient. rows: this process's real rollouts (0 for a stand-in)."""
     import torch
 
-    from ..forward.precision import autocast
     from ..objectives.ppo import adaptive_kl_coef, gae, whiten
     from ..session import dist
+    from ..session.loops import minibatch_updates
 
-    m, t, device = ctx.cfg.method, ctx.cfg.train, ctx.device
+    m, t = ctx.cfg.method, ctx.cfg.train
     mask = batch["mask"]
     advantages, returns = gae(batch["rewards"], batch["values"], mask, m.gamma, m.lam)
     if m.whiten_advantages:
         advantages = whiten(advantages, mask)
     generator = torch.Generator().manual_seed(t.seed * 100003 + ctx.step)  # minibatch order = f(seed, step)
-    stats: dict[str, float] = defaultdict(float)
-    updates = 0
-    ok_all = True
-    for _ in range(m.ppo_epochs):
-        order = torch.randperm(len(mask), generator=generator).to(device)
-        # every row in every epoch: minibatch sizes differ by at most one (a short last batch included); an
-        # empty one (fewer rows than minibatches) runs a stand-in row weighted 0, so every process makes the
-        # same optimizer steps and collectives
-        for idx in torch.tensor_split(order, m.num_minibatches):
-            real = len(idx) if rows else 0
-            global_rows = dist.all_sum({"rows": real})["rows"]
-            if global_rows == 0:  # more minibatches than rows on every process: nothing to update on
-                continue
-            idx = idx if len(idx) else order[:1]
-            scale = dist.world() * real / global_rows  # DDP averages the processes' gradients: weight by rows
-            mb = {"ids": batch["ids"][idx], "attn": batch["attn"][idx], "logp": batch["logp"][idx],
-                  "values": batch["values"][idx], "advantages": advantages[idx], "returns": returns[idx],
-                  "mask": mask[idx]}
-            with autocast(t.precision.value, device):
-                loss, mb_stats = ctx.forward(mb, 1)
-            session.backward(loss * scale)
-            lr = session.lr
-            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, real)
-            grad_norm, ok = session.optimizer_step(mb_stats["loss"])
-            ok_all &= ok
-            if not ok:
-                continue
-            for key, value in mb_stats.items():
-                stats[key] += value
-            stats["grad_norm"] += grad_norm
-            stats["lr"] += lr
-            updates += 1
-    if m.adaptive_kl and ok_all:  # a skipped step's NaN KL must not poison the coefficient
+    rows_tensors = {"ids": batch["ids"], "attn": batch["attn"], "logp": batch["logp"], "values": batch["values"],
+                    "advantages": advantages, "returns": returns, "mask": mask}
+    stats, ok = minibatch_updates(session, ctx.forward, rows_tensors, rows, m.ppo_epochs, m.num_minibatches,
+                                  generator, t.precision.value, ctx.device)
+    if m.adaptive_kl and ok:  # a skipped step's NaN KL must not poison the coefficient
         kl = dist.all_mean({"kl": batch["metrics"]["objective/kl"]}, rows)["kl"]
         episodes = dist.all_sum({"rows": rows})["rows"]
         ctx.state["kl_coef"] = adaptive_kl_coef(ctx.state["kl_coef"], kl, m.target_kl, m.kl_horizon, episodes)
-    return {k: v / max(updates, 1) for k, v in stats.items()}
+    return stats
 
 
 def finish(model, final: Path) -> None:

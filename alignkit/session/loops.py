@@ -105,3 +105,39 @@ def online_loop(session, method, ctx, prompts: list) -> dict:
                 for sample in batch["samples"][:4]:
                     session.log("samples.jsonl", {"step": step + 1, **sample})
     return session.summary()
+
+
+def minibatch_updates(session, forward, rows_tensors: dict, real: int, epochs: int, minibatches: int,
+                      generator, precision: str, device) -> tuple[dict, bool]:
+    """An online method's update: `epochs` passes over its rollout rows, each split into `minibatches` optimizer
+    steps of forward(minibatch, 1) (the method's step, a mean over the minibatch). rows_tensors: tensors with one
+    row per rollout; real: this process's real rows (0 for a stand-in). Returns (mean stats of the updates that
+    ran, whether none was skipped).
+
+    Every row is used in every pass: minibatch sizes differ by at most one (a short last batch included). An
+    empty minibatch (fewer rows than minibatches) runs a stand-in row weighted 0, so every process makes the same
+    optimizer steps and collectives; one that is empty on every process is left out. DDP averages the processes'
+    gradients, so each process's loss is weighted by its share of the minibatch's rows."""
+    n = len(next(iter(rows_tensors.values())))
+    stats: dict[str, float] = defaultdict(float)
+    updates, ok_all = 0, True
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for idx in torch.tensor_split(order, minibatches):
+            rows = len(idx) if real else 0
+            global_rows = dist.all_sum({"rows": rows})["rows"]
+            if global_rows == 0:
+                continue
+            idx = idx if len(idx) else order[:1]
+            with autocast(precision, device):
+                loss, mb_stats = forward({k: v[idx] for k, v in rows_tensors.items()}, 1)
+            session.backward(loss * dist.world() * rows / global_rows)
+            lr = session.lr
+            mb_stats = dist.all_mean({k: float(v.detach()) for k, v in mb_stats.items()}, rows)
+            grad_norm, ok = session.optimizer_step(mb_stats["loss"])
+            ok_all &= ok
+            if ok:
+                for key, value in {**mb_stats, "grad_norm": grad_norm, "lr": lr}.items():
+                    stats[key] += value
+                updates += 1
+    return {k: v / max(updates, 1) for k, v in stats.items()}, ok_all
