@@ -28,7 +28,7 @@ from .models.load import disable_dropout, load_base_model, resolve_model_dir
 from .runs.read import base_model_cfg
 from .runs.reward import make_reward, reward_run
 from .session import dist
-from .session.batches import plan_steps, seed_everything
+from .session.batches import model_input_batches, plan_steps, seed_everything
 from .session.checkpoint import save_final
 from .session.events import require_tensorboard, write_events
 from .session.loops import offline_loop, online_loop
@@ -88,6 +88,10 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
     model = attach_adapter(model, cfg.adapter, cfg.train, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    data_init = ADAPTERS[cfg.adapter.name].data_init
+    if data_init is not None:  # e.g. LoRA's init=eva: A from the activations of the training batches
+        data_init(model, cfg.adapter, partial(model_input_batches, train_examples, collate, tokenizer.pad_token_id,
+                                              cfg.train))
     if method.head == "lm+value":
         add_value_head(model, device)
     return Run(cfg, method, Path(cfg.run.dir), device, model, tokenizer, model_dir, train_examples, eval_examples,

@@ -210,3 +210,15 @@ def test_combinations_that_cannot_run_fail_before_any_process_starts(tmp_path, c
 def test_a_recipe_refuses_the_launcher(capsys):
     assert main(["recipe", "dpo", "launcher=torchrun", "nproc=2"]) == 2
     assert "alignkit recipe runs its stages in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["dora", "vera", "loha", "lokr", "ia3"])
+def test_fsdp_trains_the_lora_family_with_one_process_numbers(tmp_path, adapter):
+    """FSDP2 shards the new adapters' weights like LoRA's (VeRA's shared projections are buffers)."""
+    args = (*TINY, f"adapter={adapter}", "train.max_steps=3", "data.eval_fraction=0")
+    one_process(tmp_path / "one", *args, "train.batch_size=8")
+    out = torchrun(*args, "train.batch_size=4", "train.strategy=fsdp", f"run.dir={tmp_path / 'fsdp'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_curve(losses(tmp_path / "fsdp"), losses(tmp_path / "one"))
+    assert_same_tensors(tmp_path / "one/final/adapter_model.safetensors",
+                        tmp_path / "fsdp/final/adapter_model.safetensors")

@@ -12,15 +12,28 @@ from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 
+from alignkit.adapters import ADAPTERS
 from alignkit.methods import METHODS
 
 # every valid method x adapter cell of the table runs (a new adapter or method is tested by registering it;
-# presets share their method's code and are checked by test_configs), plus the adapter options that change
-# which parameters train or how they are saved
-CELLS = [(m, a, ()) for m, record in METHODS.items() if record.preset_of is None for a in record.adapters] + [
+# method presets share their method's code and are checked by test_configs), every adapter preset wherever its
+# adapter runs, plus the adapter options that change which parameters train, how they start or how they are saved
+BASE_METHODS = {m: record for m, record in METHODS.items() if record.preset_of is None}
+LORA_OPTIONS = [("adapter.use_rslora=true",), ("adapter.init=gaussian",), ("adapter.init=olora",),
+                ("adapter.init=pissa_niter_2",), ("train.loraplus_lr_ratio=16",)]
+QLORA_OPTIONS = [("adapter.use_dora=true",), ("adapter.init=loftq",), ("adapter.init=loftq", "adapter.use_dora=true"),
+                 ("adapter.use_rslora=true", "train.loraplus_lr_ratio=16")]
+CELLS = [(m, a, ()) for m, record in BASE_METHODS.items() for a in record.adapters] + [
+    (m, preset, ()) for m, record in BASE_METHODS.items() for a in record.adapters
+    for preset in ADAPTERS[a].presets] + [
     ("dpo", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("rm", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("sft", "prompt", ("adapter.init_text=Answer:", "train.gradient_checkpointing=true")),
+] + [(m, "lora", o) for m in ("sft", "dpo") for o in LORA_OPTIONS] + [
+    (m, "qlora", o) for m in ("sft", "dpo") for o in QLORA_OPTIONS] + [
+    ("sft", "lora", ("adapter.init=eva",)), ("dpo", "qlora", ("adapter.init=eva",)),  # EVA: ~6 s a cell
+    ("rm", "lora", ("adapter.init=eva",)), ("ppo", "lora", ("adapter.init=eva",)),
+    ("ppo", "qlora", ("adapter.init=loftq",)), ("rm", "qlora", ("adapter.init=loftq",)),
 ]
 # what an online method needs to run on the tiny model: a reward, short rollouts
 ONLINE = ("reward=gold", "method.max_new_tokens=8")

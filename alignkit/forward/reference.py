@@ -1,8 +1,8 @@
-"""The reference policy: the same model with its adapters switched off (one base copy in memory), live or
-computed once before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
+"""The reference policy: the same model with its adapters switched off (one base copy in memory; an adapter
+that starts away from zero switches to its frozen initial copy: adapters/reference.py), live or computed once
+before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -10,21 +10,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapters.reference import reference_mode
 from ..data.collate import to_device
 from ..models.fingerprint import weights_fingerprint
 from .logps import sequence_logps
 from .precision import autocast
 
 
-def adapters_off(model):
-    """Context in which `model` is its reference: adapters (LoRA, virtual tokens) off. A model without
-    adapters (full, bitdelta before training) is its own reference."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
 def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
     """Summed completion log-probs of each row under the reference, (B,), no gradient."""
-    with torch.no_grad(), adapters_off(model):
+    with torch.no_grad(), reference_mode(model):
         return sequence_logps(model, batch)[0]
 
 

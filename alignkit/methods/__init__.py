@@ -67,6 +67,10 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
                              f"reward=gold")
         if cfg.reward.kind.value == "gold" and cfg.data.task is None:
             raise UsageError("reward=gold needs a built-in task (data.task=...) whose gold judge scores completions")
+    if cfg.train.loraplus_lr_ratio is not None and not adapter.loraplus:
+        raise UsageError(f"train.loraplus_lr_ratio is LoRA+ (faster B matrices of LoRA): adapter={adapter.name} has "
+                         f"none; use {' or '.join(a.name for a in ADAPTERS.values() if a.loraplus)}, or "
+                         f"train.loraplus_lr_ratio=null")
     if method.check is not None:
         method.check(cfg)
     if adapter.check is not None:

@@ -62,7 +62,7 @@ def rollout(ctx, examples: list) -> dict:
 
     from ..forward.policy import response_forward
     from ..forward.precision import autocast
-    from ..forward.reference import adapters_off
+    from ..adapters.reference import reference_mode
     from ..generation.sample import sample_responses, sampling_config
     from ..objectives.ppo import kl_penalty, masked_mean, token_rewards
 
@@ -74,7 +74,7 @@ def rollout(ctx, examples: list) -> dict:
     n = mask.shape[1]
     with torch.no_grad(), autocast(ctx.cfg.train.precision.value, device):
         logp, values, entropy = response_forward(ctx.model, ids, attn, n, m.temperature, values=True)
-        with adapters_off(ctx.model):
+        with reference_mode(ctx.model):
             ref_logp = response_forward(ctx.model, ids, attn, n, m.temperature)[0]
     texts = [ctx.tokenizer.decode(r[k == 1], skip_special_tokens=True) for r, k in zip(ids[:, -n:], mask)]
     scores = ctx.reward([e["row"] for e in examples], texts).to(device).float()
@@ -163,7 +163,8 @@ def check(cfg) -> None:
             f"must be <= train.batch_size={t.batch_size} (rollouts per step)")
 
 
-METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=("prompt", "prefix", "lora", "qlora"),
+ADAPTERS = ("prompt", "prefix", "lora", "qlora", "vera", "loha", "lokr", "ia3")
+METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=ADAPTERS,
                 metrics=("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value"),
                 prepare=prepare, step=minibatch_loss, rollout=rollout, update=update, check=check, finish=finish,
                 strategies=("ddp",), why_not_fsdp="rollouts generate on each process alone, which sharded weights "

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import ADAPTERS, base_load_options
+from ..adapters.reference import REFERENCE
 from ..bitdelta.apply import apply
 from ..errors import UsageError
 from ..methods import method_record, saved_config
@@ -51,6 +52,8 @@ def load_run(run_dir, device: torch.device | None = None):
 
         model, tokenizer, _ = load_base_model(base_model_cfg(cfg), device, head, **options)
         model = PeftModel.from_pretrained(model, str(final))
+        if (final / REFERENCE).is_dir():  # a LoftQ run's initial adapter: its reference (adapters/reference.py)
+            model.load_adapter(str(final / REFERENCE), adapter_name=REFERENCE)
     return model.eval(), tokenizer, cfg
 
 
@@ -62,11 +65,10 @@ def base_model_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def policy_init_dir(init_run) -> str:
-    """A model dir holding a finished run's policy: its final/ (full) or base + LoRA merged once (cached).
-
-    A LoRA trained on a 4-bit base (qlora) is merged into the full-precision base: a close approximation of
-    the policy it was trained as."""
-    from peft import PeftModel
+    """A model dir holding a finished run's policy: its final/ (full), or its adapter merged into its base once
+    (cached; any mergeable adapter: runs/merge.py). A LoRA trained on a 4-bit base (qlora) is merged into the
+    dequantised 4-bit base: the weights the policy was trained as."""
+    from .merge import check_mergeable, merged_model
 
     init_run, cfg = finished_run(init_run, "policy.init")
     final = init_run / "final"
@@ -75,17 +77,12 @@ def policy_init_dir(init_run) -> str:
     adapter = ADAPTERS[cfg.adapter.name]
     if adapter.trains_base and adapter.final == "model":
         return str(final)
-    if not adapter.switchable:
-        raise UsageError(f"policy.init: cannot merge a {cfg.adapter.name} adapter into the base; "
-                         f"start from a run of {', '.join(a.name for a in ADAPTERS.values() if a.switchable)} "
-                         f"or full")
+    check_mergeable(cfg, "policy.init")
     stamp = max(p.stat().st_mtime_ns for p in final.iterdir())
     key = hashlib.sha256(f"{final.resolve()}|{stamp}".encode()).hexdigest()[:16]
 
     def build(out: Path) -> None:
-        base, tokenizer, _ = load_base_model(OmegaConf.merge(base_model_cfg(cfg), {"dtype": "float32"}),
-                                             torch.device("cpu"))
-        merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        merged, tokenizer = merged_model(init_run, cfg, "lm")
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
 

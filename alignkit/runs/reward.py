@@ -51,7 +51,9 @@ def make_reward(cfg, model, tokenizer, model_dir: str):
     if cfg.reward.kind.value == "gold":
         return gold_reward(cfg.data.task)
     rm_dir, rm_cfg = reward_run(cfg, tokenizer)
-    shareable = ADAPTERS[rm_cfg.adapter.name].switchable and ADAPTERS[cfg.adapter.name].switchable
+    policy = ADAPTERS[cfg.adapter.name]  # a policy whose init moved base weights into its adapter (PiSSA) has
+    # another base than the one the reward model's adapter was trained on
+    shareable = ADAPTERS[rm_cfg.adapter.name].switchable and policy.switchable and policy.keeps_base(cfg.adapter)
     if shareable and resolve_model_dir(base_model_cfg(rm_cfg).path) == model_dir:
         return shared_base_reward(model, tokenizer, rm_dir / "final", rm_cfg.data.max_length, cfg.sample.batch_size)
     print(f"alignkit: the reward model {rm_dir} was not trained as an adapter on this base "
