@@ -101,7 +101,7 @@ def test_bfloat16_export_reports_what_the_cast_costs(runs, tmp_path):
 def test_gguf_export_loads_back_in_transformers(runs, tmp_path, kind, bound):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.runs.merge import merged_model
+    from alignkit.runs.read import merged_model
 
     run_dir = runs("dora")
     out = tmp_path / kind
@@ -210,7 +210,7 @@ def test_gguf_of_the_embedded_smollm2_round_trips(tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.methods import compose as compose_config
-    from alignkit.runs.merge import merged_model
+    from alignkit.runs.read import merged_model
 
     run_dir = tmp_path / "run"
     cfg = compose_config(["model.path=alignkit:smollm2-135m-instruct", "method=sft", "train.max_steps=2",

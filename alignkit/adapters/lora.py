@@ -5,7 +5,6 @@ score head with the adapter (modules_to_save), so final/ reloads with its head.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -14,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ..config.schema import Dtype
 from ..errors import UsageError, require
+from .lora_rules import INIT, INIT_CHOICES, moves_base, starts_nonzero
 from .record import Adapter
 
 
@@ -39,21 +39,6 @@ class QLoraAdapter(LoraAdapter):
     quant_type: QuantType = MISSING
     double_quant: bool = MISSING
     compute_dtype: Dtype = MISSING
-
-
-# adapter.init (peft's init_lora_weights; `default` is peft's True: A kaiming-uniform, B = 0)
-INIT = re.compile(r"^(default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora|loftq|eva)$")
-INIT_CHOICES = "default, gaussian, pissa, pissa_niter_K (K >= 1), olora, loftq, eva"
-
-
-def moves_base(init: str) -> bool:
-    """Inits that change the base weights (PiSSA, OLoRA): final/ is converted to apply to the original base."""
-    return init.startswith("pissa") or init == "olora"
-
-
-def starts_nonzero(init: str) -> bool:
-    """Inits whose adapter is not zero at step 0: the reference is a frozen copy of the initial adapter."""
-    return moves_base(init) or init == "loftq"
 
 
 def module_names(value):

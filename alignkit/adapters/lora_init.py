@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from .lora import starts_nonzero
+from .lora_rules import starts_nonzero
 from .reference import REFERENCE
 
 

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .lora_rules import moves_base
+
 
 REFERENCE = "ref"
 
@@ -58,8 +60,6 @@ def save_adapter(model, out: Path, state_dict=None) -> None:
     kwargs = {"selected_adapters": ["default"]}
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
-    from .lora import moves_base
-
     if not has_reference_adapter(model) or not moves_base(str(model.peft_config["default"].init_lora_weights)):
         model.save_pretrained(out, **kwargs)
         if has_reference_adapter(model):

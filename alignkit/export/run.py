@@ -25,8 +25,7 @@ from ..forward.scores import last_token_scores
 from ..io import atomic_dir, atomic_json
 from ..methods import compose, method_record, saved_config
 from ..models.load import DTYPES, disable_dropout, resolve_model_dir
-from ..runs.merge import check_mergeable, merged_model
-from ..runs.read import base_model_cfg, head_of, load_run
+from ..runs.read import base_model_cfg, check_mergeable, head_of, load_run, merged_model
 from ..session.progress import print_table
 
 CHECK_TEXTS = ["What is 7 * 6?", "Write one sentence about the sea."]  # when the run's data cannot be read
