@@ -201,3 +201,32 @@ def test_ppo_with_pissa_scores_with_the_reward_model_as_its_own_model(tmp_path):
                                "method.max_new_tokens=4"))
     make_reward(run.cfg, run.model, run.tokenizer, run.model_dir)
     assert "reward" not in run.model.peft_config
+
+
+@pytest.mark.parametrize("options,dora,rslora", [((), False, False), (("adapter.use_rslora=true",), False, True),
+                                                 (("adapter.use_dora=true",), True, False),
+                                                 (("adapter.use_dora=true", "adapter.use_rslora=true"), True, True)])
+def test_a_lora_layer_computes_lora_rslora_and_dora_by_hand(tmp_path, options, dora, rslora):
+    """One q_proj of the attached model against the formulas written out: s = alpha/r (rsLoRA: alpha/sqrt(r));
+    LoRA: W x + s B A x; DoRA: m / ||W + sBA||_row * (W + sBA) x, m starting at ||W||_row."""
+    r, alpha = 4, 8.0
+    run = prepare_run(tiny_cfg(tmp_path, "method=sft", "adapter.r=4", "adapter.alpha=8", *options))
+    layer = dict(run.model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
+    s = alpha / math.sqrt(r) if rslora else alpha / r
+    assert layer.scaling["default"] == pytest.approx(s)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # B = 0 at init: give the adapter a value to check
+        w = layer.get_base_layer().weight.float()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        x = torch.randn(3, w.shape[1])
+        merged = w + s * b @ a
+        if dora:
+            m = layer.lora_magnitude_vector["default"].weight
+            torch.testing.assert_close(m, w.norm(dim=1), rtol=0, atol=1e-5)
+            expected = x @ (m[:, None] * merged / merged.norm(dim=1, keepdim=True)).T
+        else:
+            assert "default" not in layer.lora_magnitude_vector
+            expected = x @ merged.T
+        layer.eval()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

@@ -94,6 +94,29 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
             expected = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    record_of = ADAPTERS[adapter] if adapter in ADAPTERS else ADAPTERS["lora"]  # dora, pissa: presets of lora
+    if record_of.mergeable and not record_of.trains_base and not record_of.four_bit:
+        plain = plain_peft_reload(run, run_dir, record.head)  # the LoRA family: no alignkit in the loop
+        with torch.no_grad():
+            if record.head == "score":
+                got = last_token_scores(plain, batch)
+            else:
+                got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def plain_peft_reload(run, run_dir, head):
+    """final/ on a fresh base, as a user of transformers and peft would load it (full-precision base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = next(p.dtype for p in run.model.parameters() if p.is_floating_point())
+    if head == "score":
+        base = AutoModelForSequenceClassification.from_pretrained(run.model_dir, num_labels=1, dtype=dtype)
+        base.config.pad_token_id = run.tokenizer.pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype)
+    return PeftModel.from_pretrained(base, run_dir / "final").train()
 
 
 def test_logps_match_a_plain_forward(tmp_path):

@@ -94,7 +94,6 @@ def attach_ia3(model, adapter, train, task: str = "CAUSAL_LM"):
                                     task_type=task), train)
 
 
-
 def check_vera(cfg, verb: str) -> None:
     a = cfg.adapter
     require(a.r >= 1, "adapter.r", a.r, "must be >= 1")
