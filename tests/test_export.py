@@ -145,6 +145,22 @@ def test_permutation_is_what_transformers_gguf_loader_undoes():
         assert not np.array_equal(permute_rotary(w, kv), w)
 
 
+def test_gguf_refuses_what_its_writer_does_not_lay_out():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from alignkit.errors import UsageError
+    from alignkit.export.gguf import check_llama
+
+    check_llama(SimpleNamespace(config=LlamaConfig()))
+    with pytest.raises(UsageError, match="writes Llama-architecture models; this one is gpt2"):
+        check_llama(SimpleNamespace(config=GPT2Config()))
+    scaled = LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(UsageError, match="rope scaling linear is not written"):
+        check_llama(SimpleNamespace(config=scaled))
+
+
 def test_policy_init_merges_any_mergeable_adapter(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -239,3 +255,21 @@ def test_gguf_of_the_embedded_smollm2_round_trips(tmp_path, kind):
         assert diff <= 1e-4 and report["max_abs_diff_vs_merged_fp32"] <= 1e-4
     else:
         assert 1e-4 < diff < 5.0 and (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["lora", "qlora", "dora"])
+def test_export_of_the_embedded_smollm2_reloads_with_the_runs_logits(tmp_path, adapter):
+    """The real model in fp32: the merged export matches the trained model; a 4-bit run's report gives what the
+    quantised base costs (its adapter merged into the original weights instead)."""
+    from alignkit.methods import compose as compose_config
+
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["model.path=alignkit:smollm2-135m-instruct", "method=sft", f"adapter={adapter}",
+                          "train.max_steps=2", "data.limit=16", "data.max_length=128", f"run.dir={run_dir}"])
+    execute(prepare_run(cfg))
+    report = run_export([f"run={run_dir}", "export.dtype=float32"])
+    print({k: v for k, v in report.items() if k.startswith(("max_abs", "greedy", "size"))})
+    assert report["max_abs_diff_vs_run"] <= 1e-4 and report["greedy_agreement_vs_run"] == 1.0
+    if adapter == "qlora":
+        assert report["max_abs_diff_full_precision_base_vs_run"] > 1e-2
