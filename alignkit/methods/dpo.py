@@ -66,15 +66,19 @@ def dpo_step(model, batch: dict, denominator: int, method):
     policy, tokens = sequence_logps(model, batch)
     ref = batch_reference(model, batch, ("ref_chosen", "ref_rejected")) if uses_reference(method) else None
     losses, chosen_r, rejected_r = preference_losses(method, policy, tokens, ref, n)
-    stats = {
+    return losses.sum() / denominator, pair_stats(chosen_r, rejected_r, policy[:n], policy[n:])
+
+
+def pair_stats(chosen_r, rejected_r, logps_chosen, logps_rejected) -> dict:
+    """TRL's numbers of a batch of pairs, as sums over its pairs: rewards/*, logps/*."""
+    return {
         "rewards/chosen": chosen_r.sum(),
         "rewards/rejected": rejected_r.sum(),
         "rewards/accuracies": (chosen_r > rejected_r).float().sum(),  # strict, as TRL
         "rewards/margins": (chosen_r - rejected_r).sum(),
-        "logps/chosen": policy[:n].detach().sum(),
-        "logps/rejected": policy[n:].detach().sum(),
+        "logps/chosen": logps_chosen.detach().sum(),
+        "logps/rejected": logps_rejected.detach().sum(),
     }
-    return losses.sum() / denominator, stats
 
 
 def prepare(cfg, tokenizer, rows):

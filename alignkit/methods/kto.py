@@ -33,12 +33,18 @@ class KTOLoss(Enum):
 
 
 @dataclass
-class KTOMethod:
-    name: str = MISSING
-    beta: float = MISSING
+class KTOLossKeys:
+    """The loss's own keys: which loss, the weights of the desirable and of the undesirable rows."""
+    loss_type: KTOLoss = MISSING
     desirable_weight: float = MISSING
     undesirable_weight: float = MISSING
-    loss_type: KTOLoss = MISSING
+
+
+@dataclass
+class KTOMethod(KTOLossKeys):
+    """method.* for method=kto; the values are in configs/method/kto.yaml."""
+    name: str = MISSING
+    beta: float = MISSING
     precompute_ref: bool = MISSING
 
 

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from ..adapters import ADAPTERS, packing
 from ..data.tokenize import encode_rows
 from ..errors import require
+from .dpo import pair_stats
 from .record import Method
 
 
@@ -69,18 +70,9 @@ def orpo_step(model, batch: dict, denominator: int, method):
     losses, log_odds, ratio = odds_ratio_loss(avg[:n], avg[n:], method.beta)
     nll = -(lp * (rows < n)).sum()
     nll_tokens = batch.get("step_counts", batch["counts"])["nll_tokens"]  # alone, the batch is the whole step
-    chosen, rejected = method.beta * avg[:n].detach(), method.beta * avg[n:].detach()
-    stats = {
-        "nll_loss": nll.detach() * denominator / nll_tokens,
-        "log_odds_ratio": ratio.sum(),
-        "log_odds_chosen": log_odds.sum(),
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        "rewards/accuracies": (chosen > rejected).float().sum(),  # strict, as TRL
-        "rewards/margins": (chosen - rejected).sum(),
-        "logps/chosen": avg[:n].detach().sum(),
-        "logps/rejected": avg[n:].detach().sum(),
-    }
+    stats = {"nll_loss": nll.detach() * denominator / nll_tokens, "log_odds_ratio": ratio.sum(),
+             "log_odds_chosen": log_odds.sum(),
+             **pair_stats(method.beta * avg[:n].detach(), method.beta * avg[n:].detach(), avg[:n], avg[n:])}
     return nll / nll_tokens + losses.sum() / denominator, stats
 
 
