@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # a full fine-tune's learning rate that moves the log-probs by several nats in one step: the compared
 # rewards and reference point are then well above the float noise of a 135M model's summed log-probs
 LR = {"kto": "3e-5", "orpo": "1e-5"}
+RTOL = 1e-5
+# two numbers of the full fine-tune miss 1e-5 by TRL's own float noise (measured on these rows; the RESULT note of
+# issue 18): ORPO's grad_norm, since TRL takes its NLL through F.cross_entropy but every log-prob (as alignkit does
+# all of them) through gather - logsumexp, two fp32 kernels whose gradients differ by 1.35e-5 in norm on the same
+# logits; KTO's reference point after one update, a mean of differences of ~20-nat summed log-probs that the two
+# updated policies give to within 1e-5 nats (1.4e-5 on z = 1.4)
+TRL_NOISE = {("orpo", "grad_norm"): 3e-5, ("kto", "kl"): 3e-5}
 
 
 @pytest.mark.slow
@@ -30,7 +37,8 @@ def test_kto_and_orpo_match_trl(tmp_path, monkeypatch, method, lora):
         monkeypatch.setenv("ALIGNKIT_CACHE", str(Path("~/.cache/alignkit").expanduser()))
     report = tmp_path / "report.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "compare_trl.py"), "--method", method, "--lr", LR[method],
-           "--model", resolve_model_dir("alignkit:smollm2-135m-instruct"), "--json", str(report)]
+           "--model", resolve_model_dir("alignkit:smollm2-135m-instruct"), "--json", str(report),
+           "--rtol", str(max(TRL_NOISE.values()))]
     done = subprocess.run(cmd + ([] if lora else ["--no-lora"]), capture_output=True, text=True)
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
@@ -40,6 +48,7 @@ def test_kto_and_orpo_match_trl(tmp_path, monkeypatch, method, lora):
     compared = [k for k in result if k.startswith("step")]
     per_step = {"kto": 7, "orpo": 10}[method] + (0 if lora else 1)  # TRL's names (+ grad_norm, full fine-tune)
     assert len(compared) == steps * per_step
-    assert all(result[k]["rel_diff"] < 1e-5 for k in compared), {k: result[k] for k in compared}
+    off = {k: result[k] for k in compared if result[k]["rel_diff"] >= TRL_NOISE.get((method, k.split("/", 1)[1]), RTOL)}
+    assert not off, off
     if not lora and method == "kto":  # after one update the reference point and the rewards carry information
         assert result["step2/kl"]["trl"] > 0.5 and abs(result["step2/rewards/margins"]["trl"]) > 0.5
