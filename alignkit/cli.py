@@ -11,17 +11,19 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one method: method=sft|rm|dpo (ipo, simpo)|ppo (alignkit list shows all)
+  train     run one method: method=sft|rm|dpo (ipo, simpo)|kto|orpo|ppo (alignkit list shows all)
             adapter=lora|qlora|dora|pissa|vera|loha|lokr|ia3|full|prompt|prefix|bitdelta model=... data=...
-  eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
-            DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
+  eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; a policy's
+            own method's metrics (KTO, ORPO, the DPO family; else DPO metrics vs its reference) and the
+            gold score of greedy generations; writes eval.json
   generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts
   export    run=RUN_DIR: the run as a plain model with its adapter merged into the weights (no inference
             latency): export.dir (default RUN/export), export.dtype=auto|float32|bfloat16|float16,
             export.format=hf|gguf, export.gguf_type=f32|f16|q8_0; a report in export.json
   compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
-  recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; rlhf: SFT -> RM -> PPO) into run.dir,
-            one run dir per stage, then report.md + plots/; re-run the same command to resume
+  recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; kto: SFT -> KTO; orpo: ORPO alone;
+            rlhf: SFT -> RM -> PPO) into run.dir, one run dir per stage, then report.md + plots/;
+            re-run the same command to resume
   list      show config groups, their options, the valid method x adapter pairs and the recipes
 
 options:

@@ -84,6 +84,8 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     examples, collate = method.prepare(cfg, tokenizer, rows)
     held = held_out_places(len(rows), cfg.data.eval_fraction, cfg.train.seed)  # over the raw rows
     train_examples, eval_examples = split_items(examples, held, place=lambda i, e: e["source"])
+    if method.check_data is not None:
+        method.check_data(cfg, train_examples)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed

@@ -34,12 +34,18 @@ def policy_dpo_method(cfg):
                                           gamma=0.0, precompute_ref=False))
 
 
+def scores_rows(kind: str, row: dict) -> bool:
+    """A held-out row the preference metrics can score: a pair, or for unpaired data also a labelled answer."""
+    return ("chosen" in row and "rejected" in row) or (kind == "unpaired" and "label" in row)
+
+
 def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
-    """The held-out numbers of the run's method when its step scores preference rows (reward-model accuracy,
-    the DPO family's rewards, ...); else DPO metrics of the policy against its reference at eval.beta."""
-    if not all("chosen" in r and "rejected" in r for _, r in rows):
-        return {}
+    """The held-out numbers of the run's method when its step scores preference or unpaired rows (reward-model
+    accuracy, the DPO family's rewards, KTO's, ORPO's, ...); else DPO metrics of the policy against its
+    reference at eval.beta."""
     record = method_record(cfg.method.name)
+    if not all(scores_rows(record.data, r) for _, r in rows):
+        return {}
     device = next(model.parameters()).device
     if record.data in OWN_STEP_DATA:
         examples, collate = record.prepare(cfg, tokenizer, rows)

@@ -23,10 +23,24 @@ def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
         return sequence_logps(model, batch)[0]
 
 
+def split_reference(model, batch: dict, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The reference log-probs of a batch laid out as len(names) groups of batch["count"] rows (a preference
+    batch: chosen rows, then rejected rows): {name: (count,)}, one per group."""
+    lp, n = reference_sequence_logps(model, batch), batch["count"]
+    return {name: lp[i * n:(i + 1) * n] for i, name in enumerate(names)}
+
+
 def pair_reference(model, batch: dict) -> dict[str, torch.Tensor]:
     """A preference batch's reference log-probs: {ref_chosen, ref_rejected}, (pairs,) each (chosen rows first)."""
-    lp, n = reference_sequence_logps(model, batch), batch["count"]
-    return {"ref_chosen": lp[:n], "ref_rejected": lp[n:]}
+    return split_reference(model, batch, ("ref_chosen", "ref_rejected"))
+
+
+def batch_reference(model, batch: dict, names: tuple[str, ...]) -> torch.Tensor:
+    """The reference's summed log-probs of every row of the batch, in order: precomputed in the batch (the
+    columns `names`, one per group of rows), or live (adapters off)."""
+    if names[0] in batch:
+        return torch.cat([batch[name] for name in names])
+    return reference_sequence_logps(model, batch)
 
 
 def reference_key(model, examples: list, precision: str) -> str:

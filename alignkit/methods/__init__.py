@@ -14,7 +14,7 @@ from ..adapters import ADAPTERS
 from ..config.compose import compose_config, load_saved_config
 from ..config.validate import validate_common
 from ..errors import UsageError
-from . import dpo, ppo, rm, sft
+from . import dpo, kto, orpo, ppo, rm, sft
 from .record import Method
 
 METHODS: dict[str, Method] = {}
@@ -27,7 +27,7 @@ def register(method: Method) -> None:
         METHODS[name] = replace(method, name=name, presets=(), preset_of=method.name)
 
 
-for _module in (sft, rm, dpo, ppo):
+for _module in (sft, rm, dpo, kto, orpo, ppo):
     register(_module.METHOD)
 
 

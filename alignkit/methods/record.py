@@ -33,6 +33,8 @@ class Method:
     strategies: tuple[str, ...] = ("ddp", "fsdp")
     why_not_fsdp: str = ""
     check: Callable | None = None    # (cfg) -> None: the method's own config checks (UsageError)
+    check_data: Callable | None = None  # (cfg, train examples) -> None: checks of what it trains on (UsageError),
+                                        # before anything is written
     before_training: Callable | None = None  # (run) -> None: e.g. precomputing reference log-probs
     finish: Callable | None = None   # (model, final dir) -> None: extra files in final/
     state: Callable | None = None    # online: (method cfg) -> what it keeps across steps (checkpointed)
