@@ -1,5 +1,6 @@
 """Tiny-model stage runs: every trainable parameter moves, frozen ones don't, final/ reloads."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ CELLS = [(m, a, ()) for m, record in METHODS.items() if record.preset_of is None
     ("rm", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("sft", "prompt", ("adapter.init_text=Answer:", "train.gradient_checkpointing=true")),
 ]
-# what an online method needs to run on the tiny model: a reward, short rollouts
-ONLINE = ("reward=gold", "method.max_new_tokens=8")
+# what an online method needs to run on the tiny model: a reward that varies between completions (critic-free
+# methods learn nothing from a group whose rewards agree), short rollouts
+ONLINE = ("reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]",
+          "method.max_new_tokens=8")
 
 
 def snapshot(model):

@@ -22,6 +22,33 @@ def adapters_off(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def reference_of(model, frozen=None):
+    """The module a reference forward runs on: the frozen copy of the base when there is one (adapter=full, see
+    models/frozen.py), else `model` itself with its adapters off."""
+    if frozen is not None:
+        yield frozen
+        return
+    with adapters_off(model):
+        yield model
+
+
+def reference_copy(run, quant: str, why: str) -> str | None:
+    """For a live reference (an online method's KL term) of a policy that trains every weight (adapter=full: no
+    adapter to switch off): run.reference = a frozen copy of the run's base (models/frozen.py; its policy.init
+    included), int8/nf4 when `quant` says; returns the line that says so. Any other adapter: nothing (None)."""
+    from omegaconf import OmegaConf
+
+    from ..adapters import ADAPTERS
+    from ..models.frozen import load_frozen_copy
+
+    if not ADAPTERS[run.cfg.adapter.name].trains_base:
+        return None
+    base = OmegaConf.merge(run.cfg.model, {"path": run.model_dir})
+    run.reference, line = load_frozen_copy(base, run.model, run.device, quant, why)
+    return line
+
+
 def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
     """Summed completion log-probs of each row under the reference, (B,), no gradient."""
     with torch.no_grad(), adapters_off(model):
