@@ -181,7 +181,12 @@ def test_qlora_dpo_under_fsdp_matches_one_process(tmp_path):
                         tmp_path / "two/final/adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8"))])
+GRPO = ("reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]",
+        "method.max_new_tokens=8", "method.num_generations=2", "method.scale_rewards=batch")
+
+
+@pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8")),
+                                          ("grpo", GRPO), ("rloo", GRPO[:-1])])
 def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     out = torchrun(*TINY, f"method={method}", *extra, f"run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -190,8 +195,10 @@ def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
     assert (tmp_path / "final" / "adapter_config.json").exists()
-    if method == "ppo":
+    if method != "rm":
         assert {x["step"] for x in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines())} == {1}
+    if method in ("grpo", "rloo"):  # each process sampled whole groups of its own prompts
+        assert all(x["completions/mean_length"] > 0 and "reward" in x for x in lines)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..forward.virtual import cache_argument, virtual_token_inputs
+from ..forward.policy import prompt_cache
+from ..forward.virtual import cache_argument
 from .sample import left_pad, new_tokens, response_mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """generate()'s position ids: the count of attended tokens before each one (padding: 0)."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def group_inputs(model, ids: torch.Tensor, attn: torch.Tensor, group: int):
@@ -26,12 +22,8 @@ def group_inputs(model, ids: torch.Tensor, attn: torch.Tensor, group: int):
     B x G rows (prompt b's copies are rows b*G .. b*G + G-1), the whole attention mask (virtual tokens
     included) and the prefilled cache, so generate() runs only the new tokens and returns [last token, new...].
     """
-    module, inputs, _ = virtual_token_inputs(model, ids[:, :-1], attn[:, :-1])
-    mask = torch.cat([inputs["attention_mask"], attn[:, -1:]], 1)  # virtual tokens + the whole prompt
-    width = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1] - 1
     with torch.no_grad():
-        out = module(**inputs, position_ids=positions(mask)[:, -1 - width:-1], use_cache=True, logits_to_keep=1)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        module, cache, mask = prompt_cache(model, ids, attn)
     cache.batch_repeat_interleave(group)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # its generate takes the cache
     return module, {"input_ids": ids[:, -1:].repeat_interleave(group, 0),
@@ -55,12 +47,3 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group: int, gen, d
     resp = resp.masked_fill(mask == 0, tokenizer.pad_token_id)
     return torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), mask, has_eos
 
-
-def completion_batch(prompts: list[list[int]], responses: list[list[int]], pad: int, device):
-    """Prompt + completion rows laid out as sample_groups lays them out: (ids, attention, completion mask), the
-    prompts left-padded and the completions right-padded to the longest (mask (N, T): 1 on completion tokens)."""
-    ids, attn = left_pad(prompts, pad, device)
-    width = max(map(len, responses))
-    resp = torch.tensor([r + [pad] * (width - len(r)) for r in responses], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses], device=device)
-    return torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), mask

@@ -157,18 +157,24 @@ def rollout(ctx, examples: list) -> dict:
 
 
 def micro_batch(ctx, chunk: list[dict]) -> dict:
-    """Tensors of some completions: ids, attention, loss mask (0 on a truncated one when masked), advantages,
-    and the old/reference log-probs they carry (right-padded with 0)."""
+    """Tensors of some completions (forward/policy.completions_logps's layout): their distinct prompts once
+    (left-padded), each completion's prompt index, the completions (right-padded), the loss mask (0 on a
+    truncated one when masked), advantages, and the old/reference log-probs they carry (right-padded with 0)."""
     import torch
 
-    from ..generation.group import completion_batch
+    from ..generation.sample import left_pad
 
-    ids, attn, mask = completion_batch([c["prompt"] for c in chunk], [c["response"] for c in chunk],
-                                       ctx.tokenizer.pad_token_id, ctx.device)
+    pad, device = ctx.tokenizer.pad_token_id, ctx.device
+    index: dict[tuple, int] = {}
+    owner = [index.setdefault(tuple(c["prompt"]), len(index)) for c in chunk]
+    prompt_ids, prompt_attn = left_pad([list(p) for p in index], pad, device)
+    resp, resp_mask = (t.flip(1) for t in left_pad([c["response"][::-1] for c in chunk], pad, device))  # right-padded
+    loss_mask = resp_mask.float()
     if ctx.cfg.method.mask_truncated_completions:
-        mask = mask * torch.tensor([not c["truncated"] for c in chunk], device=ctx.device).unsqueeze(1)
-    mb = {"ids": ids, "attn": attn, "mask": mask.float(),
-          "advantages": torch.tensor([c.get("advantage", 0.0) for c in chunk], device=ctx.device)}
+        loss_mask = loss_mask * torch.tensor([not c["truncated"] for c in chunk], device=device).unsqueeze(1)
+    mb = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "owner": torch.tensor(owner, device=device),
+          "resp": resp, "resp_mask": resp_mask, "mask": loss_mask, "shared": not ctx.cfg.train.gradient_checkpointing,
+          "advantages": torch.tensor([c.get("advantage", 0.0) for c in chunk], device=device)}
     for key in ("old_logp", "ref_logp"):
         if key in chunk[0]:
             mb[key] = torch.nn.utils.rnn.pad_sequence([c[key] for c in chunk], batch_first=True)
@@ -187,7 +193,7 @@ def store_logps(ctx, completions: list[dict], key: str, reference: bool) -> None
 
     import torch
 
-    from ..forward.policy import response_forward
+    from ..forward.policy import completions_logps
     from ..forward.precision import autocast
     from ..forward.reference import reference_of
 
@@ -196,7 +202,7 @@ def store_logps(ctx, completions: list[dict], key: str, reference: bool) -> None
         mb = micro_batch(ctx, chunk)
         with torch.no_grad(), autocast(ctx.cfg.train.precision.value, ctx.device), \
                 (reference_of(ctx.model, ctx.reference) if reference else contextlib.nullcontext(ctx.model)) as module:
-            logp = response_forward(module, mb["ids"], mb["attn"], mb["mask"].shape[1], m.temperature)[0]
+            logp = completions_logps(module, mb, m.temperature)[0]
         for c, row in zip(chunk, logp):
             c[key] = row[:len(c["response"])].detach()
 

@@ -57,11 +57,11 @@ def advantages(ctx, rewards, batch: dict):
 def grpo_loss(model, mb: dict, counts: dict, method):
     """This micro-batch's share of the step's loss (counts: the step's completions and loss tokens) and sums
     of its metrics (entropy, KL, clipped tokens)."""
-    from ..forward.policy import response_forward
+    from ..forward.policy import completions_logps
     from ..objectives.grpo import aggregate, clipped_surrogate, importance_ratio, k3
 
     mask = mb["mask"]
-    logp, _, entropy = response_forward(model, mb["ids"], mb["attn"], mask.shape[1], method.temperature)
+    logp, entropy = completions_logps(model, mb, method.temperature)
     old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # one pass per generation: the ratio is 1
     ratio = importance_ratio(logp, old, mask, method.importance_sampling_level.value)
     eps_high = method.epsilon if method.epsilon_high is None else method.epsilon_high

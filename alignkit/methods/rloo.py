@@ -51,11 +51,11 @@ def advantages(ctx, rewards, batch: dict):
 
 def rloo_loss(model, mb: dict, counts: dict, method):
     """This micro-batch's share of the mean over the step's completions of the clipped sequence-ratio loss."""
-    from ..forward.policy import response_forward
+    from ..forward.policy import completions_logps
     from ..objectives.grpo import sequence_surrogate
 
     mask = mb["mask"]
-    logp, _, entropy = response_forward(model, mb["ids"], mb["attn"], mask.shape[1], method.temperature)
+    logp, entropy = completions_logps(model, mb, method.temperature)
     old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # one pass per generation: the ratio is 1
     eps_high = method.epsilon if method.epsilon_high is None else method.epsilon_high
     loss, low, high = sequence_surrogate(logp, old, mb["advantages"], mask, method.epsilon, eps_high)

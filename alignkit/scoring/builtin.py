@@ -6,7 +6,11 @@ completion is a string, or a one-message list for chat prompts.
 """
 from __future__ import annotations
 
-from ..data.tasks import answer_line
+import re
+
+from ..data.tasks import ANSWER_LINE, answer_line
+
+ANSWER_WORD = re.compile(r"answer\D{0,12}-?\d", re.IGNORECASE)  # "answer" then a number soon after
 
 
 def completion_text(completion) -> str:
@@ -22,9 +26,20 @@ def correct_answer(completions: list, answer: list | None = None, **_) -> list[f
     return [None if a is None else float(answer_line(completion_text(c)) == a) for c, a in zip(completions, answers)]
 
 
+def format_credit(text: str) -> float:
+    """1.0: the last line is "Answer: N"; 0.5: such a line, but not last; 0.25: "answer" and a number soon after
+    ("The answer is 12"); else 0.0."""
+    if answer_line(text) is not None:
+        return 1.0
+    if any(ANSWER_LINE.fullmatch(line.strip()) for line in text.splitlines()):
+        return 0.5
+    return 0.25 if ANSWER_WORD.search(text) else 0.0
+
+
 def answer_format(completions: list, **_) -> list[float]:
-    """1.0 when the last line is "Answer: N" for some integer N, else 0.0: the format alone, right or wrong."""
-    return [float(answer_line(completion_text(c)) is not None) for c in completions]
+    """The format alone, right number or wrong, with partial credit on the way to it (format_credit): a signal a
+    small model finds in its samples long before it ends every reply with the answer line."""
+    return [format_credit(completion_text(c)) for c in completions]
 
 
 BUILTIN = {"correct_answer": correct_answer, "answer_format": answer_format}
