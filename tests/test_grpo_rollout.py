@@ -9,8 +9,8 @@ import torch
 
 from alignkit.forward.policy import completions_logps, response_forward
 from alignkit.forward.virtual import virtual_token_inputs
-from alignkit.generation.group import group_inputs, sample_groups
-from alignkit.generation.sample import generation_config, left_pad, new_tokens
+from alignkit.generation.group import sample_groups
+from alignkit.generation.sample import generation_config, left_pad, new_tokens, response_mask
 from alignkit.methods import critic_free
 from alignkit.scoring.functions import functions_reward
 from alignkit.train import execute, prepare_run
@@ -32,49 +32,43 @@ def perturbed_run(tmp_path, adapter):
     return run, prompts
 
 
-def scored_generate(module, inputs, gen):
-    """generate() with the processed scores of each step: (sequences, (B, steps) log-probs of what it chose)."""
-    out = module.generate(**inputs, generation_config=gen, output_scores=True, return_dict_in_generate=True)
-    new = out.sequences[:, -len(out.scores):]
-    return new, torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, i:i + 1]).squeeze(-1)
-                             for i, s in enumerate(out.scores)], 1), out.scores
-
-
 @pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
 def test_a_group_shares_one_prompt_prefill_and_samples_as_separate_prefills_do(tmp_path, adapter):
     run, prompts = perturbed_run(tmp_path, adapter)
     model, tok, group = run.model, run.tokenizer, 3
+    padded, pad_mask = left_pad(prompts, tok.pad_token_id, run.device)
+    greedy = generation_config(tok, 6, 0.0, 0, 1.0)
+    greedy.eos_token_id = None
+    separate = new_tokens(model, padded.repeat_interleave(group, 0), pad_mask.repeat_interleave(group, 0), greedy)
+    greedy.eos_token_id = int(separate[0, 2])  # a token some rows emit early: those stop there
+    expected_mask = response_mask(separate, greedy.eos_token_id)[0]
     embedded = []  # (rows, tokens) of every forward's token embedding
     hook = model.get_base_model().get_input_embeddings().register_forward_hook(
         lambda m, args, out: embedded.append(tuple(args[0].shape)))
-    greedy = generation_config(tok, 6, 0.0, 0, 1.0)
-    ids, attn, mask, _ = sample_groups(model, tok, prompts, group, greedy, run.device)
+    ids, attn, mask, has_eos = sample_groups(model, tok, prompts, group, greedy, run.device)
     hook.remove()
-    width = max(map(len, prompts))
-    # the prompts (all but their last token) once for the 3 prompts, then one token per row and step
-    assert embedded[0] == (3, width - 1) and all(shape == (3 * group, 1) for shape in embedded[1:])
-    padded, pad_mask = left_pad(prompts, tok.pad_token_id, run.device)
-    separate = new_tokens(model, padded.repeat_interleave(group, 0), pad_mask.repeat_interleave(group, 0), greedy)
-    assert torch.equal(ids[:, -separate.shape[1]:], separate.masked_fill(mask == 0, tok.pad_token_id))
+    # the 3 prompts once (not 3 x 3 times), then one token per running row and step; stopped rows are not run on
+    assert embedded[0] == (3, max(map(len, prompts))) and all(s[1] == 1 for s in embedded[1:])
+    running = expected_mask * (separate != greedy.eos_token_id)  # rows still going after each step's token
+    assert [s[0] for s in embedded[1:]] == running.sum(0)[:len(embedded) - 1].tolist()
+    assert torch.equal(ids[:, -mask.shape[1]:], separate[:, :mask.shape[1]].masked_fill(
+        expected_mask[:, :mask.shape[1]] == 0, tok.pad_token_id))
+    assert torch.equal(has_eos, expected_mask.sum(-1) < 6) and has_eos[0]
 
     torch.manual_seed(0)
     sampled = generation_config(tok, 5, 0.7, 0, 1.0)
-    sampled.eos_token_id = None  # five tokens in every row
+    ids, attn, mask, _, drawn = sample_groups(model, tok, prompts, group, sampled, run.device, logps=True)
     with torch.no_grad():
-        module, inputs = group_inputs(model, padded, pad_mask, group)
-        new, logp, scores = scored_generate(module, inputs, sampled)
-        # the same distribution as G separate prefills: the first token's, and every next one's given the same
-        # tokens, is what a plain forward of prompt + completion gives (log-probs of logits / temperature)
-        seqs = torch.cat([padded.repeat_interleave(group, 0), new], 1)
-        attn = torch.cat([pad_mask.repeat_interleave(group, 0), torch.ones_like(new)], 1)
-        plain = response_forward(model, seqs, attn, 5, temperature=0.7)[0]
+        # every token is drawn from logits / temperature given the tokens before it: what a plain forward of
+        # prompt + completion gives; the first one from the distribution G separate prefills give
+        plain = response_forward(model, ids, attn, mask.shape[1], temperature=0.7)[0]
         module, inputs, _ = virtual_token_inputs(model, padded.repeat_interleave(group, 0),
                                                  pad_mask.repeat_interleave(group, 0))
-        first = module.generate(**inputs, generation_config=sampled, output_scores=True, return_dict_in_generate=True,
-                                max_new_tokens=1).scores[0]
-    torch.testing.assert_close(logp, plain, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.log_softmax(scores[0].float(), -1), torch.log_softmax(first.float(), -1),
-                               rtol=1e-4, atol=1e-4)
+        first = module.generate(**inputs, generation_config=sampled, output_scores=True,
+                                return_dict_in_generate=True, max_new_tokens=1).scores[0]
+    torch.testing.assert_close(drawn, plain * mask, rtol=1e-4, atol=1e-4)
+    first_logp = torch.log_softmax(first.float(), -1).gather(-1, ids[:, -mask.shape[1]:][:, :1]).squeeze(1)
+    torch.testing.assert_close(drawn[:, 0], first_logp, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])

@@ -41,15 +41,19 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def prompt_cache(model, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor):
-    """(module, KV cache, attention mask) of U left-padded prompts run through `model` up to, not including,
-    their last token (an adapter's virtual tokens in front); the mask covers the virtual tokens and the whole
-    prompt. `module(...)` continues from that cache: the model, or for prompt learning its base."""
-    module, inputs, _ = virtual_token_inputs(model, prompt_ids[:, :-1], prompt_attn[:, :-1])
-    mask = torch.cat([inputs["attention_mask"], prompt_attn[:, -1:]], 1)
-    width = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else prompt_ids.shape[1] - 1
-    out = module(**inputs, position_ids=positions(mask)[:, -1 - width:-1], use_cache=True, logits_to_keep=1)
-    return module, (out.cache if hasattr(out, "cache") else out.past_key_values), mask
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, last: bool = False):
+    """(module, KV cache, attention mask, last logits) of U left-padded prompts run through `model` (an adapter's
+    virtual tokens in front), up to but not including their last token, or (last=True) whole, then with the
+    logits at the last token (U, V) (else None). The mask covers the virtual tokens and the whole prompt.
+    `module(...)` continues from that cache: the model, or for prompt learning its base."""
+    ids, attn = (prompt_ids, prompt_attn) if last else (prompt_ids[:, :-1], prompt_attn[:, :-1])
+    module, inputs, _ = virtual_token_inputs(model, ids, attn)
+    mask = inputs["attention_mask"] if last else torch.cat([inputs["attention_mask"], prompt_attn[:, -1:]], 1)
+    width = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1]
+    pos = positions(mask)[:, -width:] if last else positions(mask)[:, -1 - width:-1]
+    out = module(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return module, cache, mask, out.logits[:, -1] if last else None
 
 
 def completion_forward(model, prompt_ids, prompt_attn, owner, resp, resp_mask, temperature: float):
@@ -57,7 +61,7 @@ def completion_forward(model, prompt_ids, prompt_attn, owner, resp, resp_mask, t
     i continues prompt owner[i]. Each prompt runs once (all but its last token) and its KV cache, selected per
     completion, carries the gradient back to it: G completions of a prompt cost one prompt forward, not G.
     Equal to response_forward on each prompt + completion row (positions as generate() gave them)."""
-    module, cache, mask = prompt_cache(model, prompt_ids, prompt_attn)
+    module, cache, mask, _ = prompt_cache(model, prompt_ids, prompt_attn)
     cache.batch_select_indices(owner)
     full = torch.cat([mask[owner], resp_mask.to(mask.dtype)], 1)[:, :-1]  # the last token predicts nothing
     inputs = torch.cat([prompt_ids[owner, -1:], resp[:, :-1]], 1)  # the last prompt token, then the completion
