@@ -329,3 +329,10 @@ def test_a_reward_model_on_another_base_with_the_same_tokenizer_is_accepted(tmp_
     (rm_dir / "config.yaml").write_text(OmegaConf.to_yaml(rm_cfg))
     cfg = tiny_cfg(tmp_path, "method=ppo", f"reward.run={rm_dir}")
     assert reward_run(cfg, tiny_tokenizer)[0] == rm_dir
+
+
+def test_resume_from_a_path_that_is_no_checkpoint_is_one_line(tmp_path):
+    done = alignkit("train", "method=sft", *TINY, f"run.dir={tmp_path / 'run'}",
+                    f"run.resume={tmp_path / 'nowhere' / 'step-3'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"alignkit: error: run.resume={tmp_path / 'nowhere'}")

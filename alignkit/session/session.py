@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
+from ..errors import UsageError
 from . import dist
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .faults import catch_sigint, count_step, new_counts, stop_if_interrupted
@@ -56,6 +57,9 @@ class Session:
         start = 0
         if resume is not False and resume is not None:
             found = checkpoints(self.run_dir) if resume is True else [Path(str(resume))]
+            if found and not (found[-1] / "state.json").exists():
+                raise UsageError(f"run.resume={resume}: {found[-1]} is not a checkpoint (no state.json); give a "
+                                 f"RUN/checkpoints/step-N dir, or run.resume=true for the newest in run.dir")
             if found:
                 saved = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler, self.scaler)
                 start = saved["step"]
