@@ -33,3 +33,8 @@ def sees_columns(prompts, completions, completion_ids, answer, **kwargs):
     assert len(prompts) == len(completions) == len(completion_ids) == len(answer)
     assert all(isinstance(ids, list) and ids for ids in completion_ids) and "chosen" in kwargs
     return [1.0] * len(completions)
+
+
+def text_length(completions, **_):
+    """Characters in each completion (varies within grpo_fixed.py's groups, whose texts are digits and signs)."""
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]

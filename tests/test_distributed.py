@@ -217,3 +217,30 @@ def test_combinations_that_cannot_run_fail_before_any_process_starts(tmp_path, c
 def test_a_recipe_refuses_the_launcher(capsys):
     assert main(["recipe", "dpo", "launcher=torchrun", "nproc=2"]) == 2
     assert "alignkit recipe runs its stages in one process" in capsys.readouterr().err
+
+
+FIXED = Path(__file__).parent / "grpo_fixed.py"
+CRITIC_FREE = (*TINY, "reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:text_length]",
+               "method.num_generations=3", "data.eval_fraction=0", "method.beta=0.1",
+               "method.mask_truncated_completions=true")
+
+
+@pytest.mark.parametrize("method,extra", [("grpo", ("method.loss_type=dapo", "method.scale_rewards=batch")),
+                                          ("rloo", ("method.normalize_advantages=true",))], ids=["grpo", "rloo"])
+def test_critic_free_on_two_processes_gives_the_numbers_of_one(tmp_path, monkeypatch, method, extra):
+    """The same (deterministic) completions: 2 processes of 2 prompts = 1 process of 4 prompts. Each process
+    holds whole groups; dapo's token mean, batch scaling and RLOO's normalisation count every process's
+    completions (the processes hold different token counts, so a per-process mean would differ)."""
+    from alignkit.methods import critic_free
+    from grpo_fixed import fixed_completions
+
+    monkeypatch.setattr(critic_free, "generate", fixed_completions)
+    one_process(tmp_path / "one", f"method={method}", *CRITIC_FREE, *extra, "train.batch_size=4")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(FIXED),
+               "train", *CRITIC_FREE, f"method={method}", *extra, "train.batch_size=2", f"run.dir={tmp_path / 'two'}"]
+    out = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = ("loss", "grad_norm", "reward", "reward_std", "kl", "completions/mean_length")
+    one, two = losses(tmp_path / "one", keys), losses(tmp_path / "two", keys)
+    assert len(one) == 2 and all(x[1] != 0 for x in one)
+    assert_same_curve(two, one, atol=1e-6)

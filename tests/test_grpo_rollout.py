@@ -16,6 +16,7 @@ from alignkit.scoring.functions import functions_reward
 from alignkit.train import execute, prepare_run
 
 from conftest import metrics, patch_method, tiny_cfg
+from grpo_fixed import fixed_completions
 
 REWARDS = Path(__file__).parent / "rewards.py"
 LETTERS = ("reward=functions", f"reward.functions=[{REWARDS}:letters]")
@@ -160,29 +161,19 @@ def test_dynamic_sampling_drops_tied_groups_and_draws_more_prompts(tmp_path):
     assert batch["completions"] == batch["first"]["completions"]  # nothing kept: the step's own groups
 
 
-def fixed_completions(ctx, examples):
-    """Deterministic 'samples': each prompt's dataset reply cut to 1..G+2 tokens, plus one truncated one."""
-    out = []
-    for e in examples:
-        reply = ctx.tokenizer(e["row"]["completion"][0]["content"])["input_ids"]
-        for k in range(ctx.cfg.method.num_generations):
-            tokens = reply[: 2 + k] + ([ctx.tokenizer.eos_token_id] if k else [])
-            out.append({"prompt": e["prompt_ids"], "response": tokens, "truncated": k == 0, "row": e["row"],
-                        "text": ctx.tokenizer.decode(tokens, skip_special_tokens=True)})
-    return out
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_give_the_numbers_of_one_batch(tmp_path, monkeypatch, loss_type):
     monkeypatch.setattr(critic_free, "generate", fixed_completions)
     results = []
     for i, size in enumerate(["null", "2"]):
-        run = prepare_run(tiny_cfg(tmp_path / str(i), "method=grpo", *LETTERS, f"method.loss_type={loss_type}",
+        run = prepare_run(tiny_cfg(tmp_path / str(i), "method=grpo", "reward=functions",
+                                   f"reward.functions=[{REWARDS}:text_length]", f"method.loss_type={loss_type}",
                                    "method.num_generations=2", f"method.micro_batch_size={size}", "train.batch_size=4",
                                    "train.max_steps=1", "data.eval_fraction=0", "method.mask_truncated_completions=true",
                                    "method.beta=0.1"))
         results.append(execute(run))
     one, chunked = results
+    assert one["grad_norm"] > 1e-4 and one["reward"] > 1  # completions of different lengths: a gradient
     # the same loss and the same gradient (its norm; the weights after Adam's first step, ~lr * sign(g), would
     # show rounding on near-zero gradient entries rather than the sums)
     for key in ("loss", "grad_norm", "kl", "entropy", "reward", "completions/mean_length"):
