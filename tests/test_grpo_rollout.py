@@ -202,3 +202,14 @@ def test_num_iterations_reuses_one_generation_with_its_old_log_probs(tmp_path, m
     assert seen[0] < 1e-5 and seen[3] < 1e-5   # the first pass: the policy that sampled, ratio 1
     assert seen[1] > 1e-4 and seen[2] > seen[1] * 0.5  # later passes: the stored old log-probs, ratio != 1
     assert summary["train_steps"] == 2
+
+
+def test_the_documented_example_reward_functions_by_hand():
+    example = Path(__file__).parent.parent / "examples" / "reward_functions.py"
+    reward = functions_reward([f"{example}:reasoning_then_answer", f"{example}:close_answer", f"{example}:brevity"])
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "answer": 12}] * 3 + [{"prompt": "q"}]
+    texts = ["7 + 5 = 12.\nAnswer: 12", "Answer: 10", "no idea", "3 = 3\nAnswer: 3"]
+    out = reward(rows, texts, completion_ids=[[1] * 16, [1] * 64, [1] * 80, [1]])
+    assert out["reasoning_then_answer"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert out["close_answer"][:3].tolist() == pytest.approx([1.0, 1 / 3, 0.0]) and math.isnan(out["close_answer"][3])
+    assert out["brevity"].tolist() == pytest.approx([0.75, 0.0, 0.0, 63 / 64])
