@@ -213,3 +213,19 @@ def test_the_documented_example_reward_functions_by_hand():
     assert out["reasoning_then_answer"].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert out["close_answer"][:3].tolist() == pytest.approx([1.0, 1 / 3, 0.0]) and math.isnan(out["close_answer"][3])
     assert out["brevity"].tolist() == pytest.approx([0.75, 0.0, 0.0, 63 / 64])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_truncated_completions_are_marked_and_masked_out_of_the_loss_when_asked(tmp_path, masked):
+    ctx, run = fake_ctx(tmp_path, "method.num_generations=3", f"method.mask_truncated_completions={masked}")
+    completions = fixed_completions(ctx, run.train_examples[:2])  # the first of each group has no EOS
+    mb = critic_free.micro_batch(ctx, completions)
+    lengths = torch.tensor([len(c["response"]) for c in completions])
+    assert mb["resp_mask"].sum(1).tolist() == lengths.tolist()
+    expected = lengths * torch.tensor([0 if masked and c["truncated"] else 1 for c in completions])
+    assert [c["truncated"] for c in completions] == [True, False, False] * 2
+    assert mb["mask"].sum(1).tolist() == expected.tolist()
+    # sampled ones: truncated = no EOS within max_new_tokens
+    ctx.cfg.method.max_new_tokens = 3
+    for c in critic_free.generate(ctx, run.train_examples[:2]):
+        assert c["truncated"] == (ctx.tokenizer.eos_token_id not in c["response"]) and len(c["response"]) <= 3
