@@ -31,10 +31,12 @@ METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_len
 WHY_NOT_FSDP = "rollouts generate on each process alone, which sharded weights do not allow"
 
 
-class RefQuant(Enum):
-    none = "none"
-    int8 = "int8"
-    nf4 = "nf4"
+def choices(name: str, *values: str) -> type[Enum]:
+    """An Enum of a config key's choices, each member named as its value (the YAML's string)."""
+    return Enum(name, {v: v for v in values}, module=__name__)
+
+
+RefQuant = choices("RefQuant", "none", "int8", "nf4")  # method.ref_quant
 
 
 @dataclass

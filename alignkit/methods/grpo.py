@@ -10,31 +10,17 @@ off, or with adapter=full a frozen second copy) is added per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from omegaconf import MISSING
 
 from . import critic_free
-from .critic_free import CriticFreeMethod
+from .critic_free import CriticFreeMethod, choices
 from .record import Method
 
 
-class ScaleRewards(Enum):
-    group = "group"
-    batch = "batch"
-    none = "none"
-
-
-class LossType(Enum):
-    grpo = "grpo"
-    bnpo = "bnpo"
-    dr_grpo = "dr_grpo"
-    dapo = "dapo"
-
-
-class SamplingLevel(Enum):
-    token = "token"
-    sequence = "sequence"
+ScaleRewards = choices("ScaleRewards", "group", "batch", "none")
+LossType = choices("LossType", "grpo", "bnpo", "dr_grpo", "dapo")
+SamplingLevel = choices("SamplingLevel", "token", "sequence")
 
 
 @dataclass
