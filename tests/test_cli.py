@@ -85,7 +85,7 @@ BAD = [
     (["train.lr=-1"], "train.lr=-1.0 is out of range"),
     (["adapter.r=0"], "adapter.r=0 is out of range"),
     (["train.max_bad_steps=0"], "train.max_bad_steps=0 is out of range"),
-    (["method=ppo", "adapter=full"], "method=ppo does not run with adapter=full"),
+    (["method=grpo", "adapter=bitdelta"], "method=grpo does not run with adapter=bitdelta"),
     (["method=ppo"], "method=ppo needs a reward"),
     (["run.overwrite=true", "run.resume=true"], "set only one of them"),
     (["data.path=/nonexistent/prefs.jsonl"], "no such file"),

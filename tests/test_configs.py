@@ -8,9 +8,10 @@ from alignkit.methods import METHODS, compose as compose_config, validate
 from alignkit.errors import UsageError
 
 # options that need a value only the user has
-REQUIRED = {("data", "file"): ["data.path=rows.jsonl"], ("method", "ppo"): ["reward=gold"]}
+REQUIRED = {("data", "file"): ["data.path=rows.jsonl"], ("method", "ppo"): ["reward=gold"],
+            ("method", "grpo"): ["reward=gold"], ("method", "rloo"): ["reward=gold"]}
 # what a method needs besides its own YAML
-METHOD_NEEDS = {"ppo": ["reward=gold"]}
+METHOD_NEEDS = {"ppo": ["reward=gold"], "grpo": ["reward=gold"], "rloo": ["reward=gold"]}
 
 
 def every_option():

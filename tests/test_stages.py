@@ -1,5 +1,6 @@
 """Tiny-model stage runs: every trainable parameter moves, frozen ones don't, final/ reloads."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,8 +36,10 @@ CELLS = [(m, a, ()) for m, record in BASE_METHODS.items() for a in record.adapte
     ("rm", "lora", ("adapter.init=eva",)), ("ppo", "lora", ("adapter.init=eva",)),
     ("ppo", "qlora", ("adapter.init=loftq",)), ("rm", "qlora", ("adapter.init=loftq",)),
 ]
-# what an online method needs to run on the tiny model: a reward, short rollouts
-ONLINE = ("reward=gold", "method.max_new_tokens=8")
+# what an online method needs to run on the tiny model: a reward that varies between completions (critic-free
+# methods learn nothing from a group whose rewards agree), short rollouts
+ONLINE = ("reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]",
+          "method.max_new_tokens=8")
 
 
 def snapshot(model):

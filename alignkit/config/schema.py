@@ -55,12 +55,15 @@ class Launcher(Enum):
 class RewardKind(Enum):
     model = "model"
     gold = "gold"
+    functions = "functions"
 
 
 @dataclass
 class RewardConfig:
     kind: RewardKind = MISSING
     run: Optional[str] = MISSING
+    functions: List[str] = MISSING          # reward=functions: "pkg.module:fn", "path/file.py:fn" or a built-in name
+    weights: Optional[List[float]] = MISSING  # one per function; null = all 1
 
 
 @dataclass

@@ -3,6 +3,7 @@ that starts away from zero switches to its frozen initial copy: adapters/referen
 before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -15,6 +16,34 @@ from ..data.collate import to_device
 from ..models.fingerprint import weights_fingerprint
 from .logps import sequence_logps
 from .precision import autocast
+
+
+@contextlib.contextmanager
+def reference_of(model, frozen=None):
+    """The module a reference forward runs on: the frozen copy of the base when there is one (adapter=full, see
+    models/frozen.py), else `model` itself in reference_mode (adapters off, or its
+    frozen initial adapter)."""
+    if frozen is not None:
+        yield frozen
+        return
+    with reference_mode(model):
+        yield model
+
+
+def reference_copy(run, quant: str, why: str) -> str | None:
+    """For a live reference (an online method's KL term) of a policy that trains every weight (adapter=full: no
+    adapter to switch off): run.reference = a frozen copy of the run's base (models/frozen.py; its policy.init
+    included), int8/nf4 when `quant` says; returns the line that says so. Any other adapter: nothing (None)."""
+    from omegaconf import OmegaConf
+
+    from ..adapters import ADAPTERS
+    from ..models.frozen import load_frozen_copy
+
+    if not ADAPTERS[run.cfg.adapter.name].trains_base:
+        return None
+    base = OmegaConf.merge(run.cfg.model, {"path": run.model_dir})
+    run.reference, line = load_frozen_copy(base, run.model, run.device, quant, why)
+    return line
 
 
 def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
