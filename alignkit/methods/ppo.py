@@ -23,9 +23,8 @@ from omegaconf import MISSING
 
 from ..config.schema import SamplingConfig
 from ..config.validate import validate_sampling
-from ..data.tokenize import encode_prompts
 from ..errors import UsageError, require
-from .critic_free import ADAPTERS, RefQuant, before_training as load_reference
+from .critic_free import ADAPTERS, WHY_NOT_FSDP, RefQuant, before_training as load_reference, prepare
 from .record import Method
 
 
@@ -53,10 +52,6 @@ class PPOMethod(SamplingConfig):
     missing_eos_penalty: Optional[float] = MISSING
     ref_quant: RefQuant = MISSING
     sample_every: int = MISSING
-
-
-def prepare(cfg, tokenizer, rows):
-    return encode_prompts(tokenizer, rows, cfg.data, cfg.method.max_new_tokens), None
 
 
 def rollout(ctx, examples: list) -> dict:
@@ -179,5 +174,4 @@ METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=ADAP
                 metrics=("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value"),
                 prepare=prepare, step=minibatch_loss, rollout=rollout, update=update, check=check, finish=finish,
                 before_training=before_training,
-                strategies=("ddp",), why_not_fsdp="rollouts generate on each process alone, which sharded weights "
-                "do not allow", state=lambda m: {"kl_coef": m.kl_coef})
+                strategies=("ddp",), why_not_fsdp=WHY_NOT_FSDP, state=lambda m: {"kl_coef": m.kl_coef})
