@@ -11,7 +11,7 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one method: method=sft|rm|dpo (ipo, simpo)|kto|orpo|ppo (alignkit list shows all)
+  train     run one method: method=sft|rm|dpo (ipo, simpo)|kto|orpo|ppo|grpo|rloo (alignkit list)
             adapter=lora|qlora|dora|pissa|vera|loha|lokr|ia3|full|prompt|prefix|bitdelta model=... data=...
   eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; a policy's
             own method's metrics (KTO, ORPO, the DPO family; else DPO metrics vs its reference) and the
@@ -22,7 +22,7 @@ verbs:
             export.format=hf|gguf, export.gguf_type=f32|f16|q8_0; a report in export.json
   compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
   recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; kto: SFT -> KTO; orpo: ORPO alone;
-            rlhf: SFT -> RM -> PPO) into run.dir, one run dir per stage, then report.md + plots/;
+            rlhf: SFT -> RM -> PPO; grpo: SFT -> GRPO) into run.dir, one run dir per stage, then report.md + plots/;
             re-run the same command to resume
   list      show config groups, their options, the valid method x adapter pairs and the recipes
 
