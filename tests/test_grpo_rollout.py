@@ -136,7 +136,7 @@ def fake_ctx(tmp_path, *overrides):
     return fake_ctx_of(run), run
 
 
-def test_dynamic_sampling_drops_tied_groups_and_draws_more_prompts(tmp_path):
+def test_dynamic_sampling_drops_tied_groups_and_draws_more_prompts(tmp_path, monkeypatch):
     ctx, run = fake_ctx(tmp_path, "method.dynamic_sampling=true", "method.max_resamples=12", "method.max_new_tokens=4",
                         "train.batch_size=3")
 
@@ -146,8 +146,14 @@ def test_dynamic_sampling_drops_tied_groups_and_draws_more_prompts(tmp_path):
     ctx.reward = ties_on_even_answers
     examples = [e for e in run.train_examples if e["row"]["answer"] % 2 == 0][:2] + \
         [e for e in run.train_examples if e["row"]["answer"] % 2][:1]
+    drawn, generate = [], critic_free.generate
+    monkeypatch.setattr(critic_free, "generate", lambda *a: drawn.append(generate(*a)) or drawn[-1])
     batch = critic_free.rollout(ctx, examples)
     m = batch["metrics"]
+    # gen_tokens_per_s counts the tokens of every draw, the extra prompts' too
+    tokens = sum(len(c["response"]) for d in drawn for c in d)
+    assert len(drawn) == m["dynamic_sampling/draws"] + 1
+    assert m["gen_tokens_per_s"] * m["time/generation"] == pytest.approx(tokens, rel=1e-6)
     assert m["dynamic_sampling/dropped_groups"] >= 2 and m["dynamic_sampling/draws"] >= 1
     assert m["dynamic_sampling/kept_groups"] == 3 and len(batch["completions"]) == 3 * 4
     assert all(c["row"]["answer"] % 2 for c in batch["completions"])  # every kept group has a gradient

@@ -126,6 +126,7 @@ def rollout(ctx, examples: list) -> dict:
     gen_seconds = time.perf_counter() - started
     names, columns = score(ctx, completions)
     first = {"completions": completions, "columns": columns}  # the step's own prompts: what the metrics show
+    generated = sum(len(c["response"]) for c in completions)  # every draw's tokens, for gen_tokens_per_s
     dropped = draws = 0
     if m.dynamic_sampling:
         kept, kept_columns = [], []
@@ -143,12 +144,12 @@ def rollout(ctx, examples: list) -> dict:
             t0 = time.perf_counter()
             completions = generate(ctx, extra_prompts(ctx, missing, draws))
             gen_seconds += time.perf_counter() - t0
+            generated += sum(len(c["response"]) for c in completions)
             columns = score(ctx, completions)[1]
         if kept:  # else no group had a gradient: keep the step's own (the step changes nothing but the moments)
             completions, columns = kept, torch.cat(kept_columns)
         else:
             completions, columns = first["completions"], first["columns"]
-    generated = sum(len(c["response"]) for c in first["completions"])
     metrics = {"gen_tokens_per_s": generated / max(gen_seconds, 1e-9), "time/generation": gen_seconds}
     if m.dynamic_sampling:
         metrics.update({"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/draws": float(draws),
