@@ -11,14 +11,19 @@ USAGE = """\
 usage: alignkit VERB [-m] [--cfg] [overrides ...]
 
 verbs:
-  train     run one method: method=sft|rm|dpo (ipo, simpo)|ppo (alignkit list shows all)
-            adapter=lora|qlora|full|prompt|prefix|bitdelta model=... data=...
-  eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; policy
-            DPO metrics vs its reference and the gold score of greedy generations; writes eval.json
+  train     run one method: method=sft|rm|dpo (ipo, simpo)|kto|orpo|ppo (alignkit list shows all)
+            adapter=lora|qlora|dora|pissa|vera|loha|lokr|ia3|full|prompt|prefix|bitdelta model=... data=...
+  eval      evaluate a run (run=RUN_DIR) or a model (model.path=...): RM accuracy and margin; a policy's
+            own method's metrics (KTO, ORPO, the DPO family; else DPO metrics vs its reference) and the
+            gold score of greedy generations; writes eval.json
   generate  sample completions from a run or model: sample.prompts='[...]' or held-out prompts
+  export    run=RUN_DIR: the run as a plain model with its adapter merged into the weights (no inference
+            latency): export.dir (default RUN/export), export.dtype=auto|float32|bfloat16|float16,
+            export.format=hf|gguf, export.gguf_type=f32|f16|q8_0; a report in export.json
   compress  BitDelta: base=PATH finetuned=PATH -> a 1-bit delta in RUN/final, report in RUN/compress.json
-  recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; rlhf: SFT -> RM -> PPO) into run.dir,
-            one run dir per stage, then report.md + plots/; re-run the same command to resume
+  recipe    NAME: run a multi-stage recipe (dpo: SFT -> DPO; kto: SFT -> KTO; orpo: ORPO alone;
+            rlhf: SFT -> RM -> PPO) into run.dir, one run dir per stage, then report.md + plots/;
+            re-run the same command to resume
   list      show config groups, their options, the valid method x adapter pairs and the recipes
 
 options:
@@ -38,6 +43,8 @@ examples:
   alignkit train method=dpo launcher=torchrun nproc=4  # 4 processes (GPUs); or: torchrun ... -m alignkit train
   alignkit eval run=runs/dpo-lora-20261125-101500
   alignkit generate run=runs/dpo-lora-20261125-101500 sample.prompts='[What is 7 * 6?]'
+  alignkit export run=runs/dpo-lora-20261125-101500 export.dtype=bfloat16
+  alignkit export run=runs/sft-lora-20261125-101500 export.format=gguf export.gguf_type=q8_0
   alignkit compress base=alignkit:smollm2-135m-instruct finetuned=runs/sft-full-X/final
   alignkit recipe dpo run.dir=runs/tone sft.train.lr=2e-4 dpo.method.beta=0.2 train.seed=1
   alignkit recipe rlhf model=tiny train.max_steps=3     # shared keys apply to every stage
@@ -96,12 +103,17 @@ def _list() -> int:
         methods.add_row(m.name, m.data, m.head, "adapters off" if m.reference(defaults) else "-",
                         "online" if m.online else "offline", ", ".join(m.metrics))
     console.print(methods)
-    grid = Table(title="valid method x adapter pairs")
+    preset_of = {p: a.name for a in ADAPTERS.values() for p in a.presets}  # dora, pissa: presets of lora
+    grid = Table(title="valid method x adapter pairs (" + ", ".join(f"{p}: a preset of {a}" for p, a in
+                                                                    preset_of.items()) + ")")
     grid.add_column("method")
-    for a in ADAPTERS:
+    for a in [*ADAPTERS, *preset_of]:
         grid.add_column(a, justify="center")
     for m in METHODS.values():
-        grid.add_row(m.name, *("yes" if a in m.adapters else "-" for a in ADAPTERS))
+        grid.add_row(m.name, *("yes" if preset_of.get(a, a) in m.adapters else "-" for a in [*ADAPTERS, *preset_of]))
+    grid.caption = ("lora/qlora options: adapter.use_dora, adapter.use_rslora, adapter.init=default|gaussian|pissa|"
+                    "pissa_niter_K|olora|loftq|eva, train.loraplus_lr_ratio; refused: qlora with pissa/olora, lora "
+                    "with loftq, use_dora with pissa/olora; `alignkit export` merges all but prompt/prefix")
     console.print(grid)
     recipes = Table(title="recipes (alignkit recipe NAME)")
     recipes.add_column("recipe")
@@ -183,6 +195,13 @@ def _resume_hint(exc: Interrupted, job: list[str]) -> str:
     keep = [a for a in job if not a.lstrip("+~").startswith(("run.dir=", "run.resume=", "run.overwrite="))]
     command = shlex.join(["alignkit", "train", *keep, f"run.dir={exc.run_dir}", "run.resume=true"])
     return f"alignkit: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; to continue: {command}"
+
+
+def _export(args: list[str]) -> int:
+    from .export.run import run_export
+
+    run_export(args)
+    return 0
 
 
 def _compress(args: list[str]) -> int:
@@ -270,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verbs = {"train": lambda: _train(args), "compress": lambda: _compress(args), "list": _list,
-             "eval": lambda: _evaluate(args), "generate": lambda: _generate(args), "recipe": lambda: _recipe(args)}
+             "eval": lambda: _evaluate(args), "generate": lambda: _generate(args), "recipe": lambda: _recipe(args),
+             "export": lambda: _export(args)}
     try:
         if verb not in verbs:
             raise UsageError(f"unknown verb '{verb}' (choose from {', '.join(verbs)}; see alignkit --help)")

@@ -28,7 +28,7 @@ from .models.load import disable_dropout, load_base_model, resolve_model_dir
 from .runs.read import base_model_cfg
 from .runs.reward import make_reward, reward_run
 from .session import dist
-from .session.batches import plan_steps, seed_everything
+from .session.batches import model_input_batches, plan_steps, seed_everything
 from .session.checkpoint import save_final
 from .session.events import require_tensorboard, write_events
 from .session.loops import offline_loop, online_loop
@@ -58,7 +58,8 @@ class Run:
     collate: Callable | None  # None for online methods, which make their own batches
     step_fn: Callable         # the method's step with its config bound: (model, batch, denominator)
     held_out: dict            # heldout.json: which raw rows were held out
-    reward_fn: Callable | None = None  # online: (rows, texts) -> scores; default from cfg.reward
+    reward_fn: Callable | None = None  # online: (rows, texts, completion ids) -> scores; default from cfg.reward
+    reference: object = None  # a frozen copy of the base as the reference (adapter=full), loaded by before_training
 
 
 def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
@@ -81,18 +82,26 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
                                                   **base_load_options(cfg.adapter, device, sharded))
     if method.online and cfg.reward.kind.value == "model":
         reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
+    functions = method.online and cfg.reward.kind.value == "functions"  # an import that fails, fails now too
+    reward_fn = make_reward(cfg, None, tokenizer, None) if functions else None
     examples, collate = method.prepare(cfg, tokenizer, rows)
     held = held_out_places(len(rows), cfg.data.eval_fraction, cfg.train.seed)  # over the raw rows
     train_examples, eval_examples = split_items(examples, held, place=lambda i, e: e["source"])
+    if method.check_data is not None:
+        method.check_data(cfg, train_examples)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
     model = attach_adapter(model, cfg.adapter, cfg.train, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    data_init = ADAPTERS[cfg.adapter.name].data_init
+    if data_init is not None:  # e.g. LoRA's init=eva: A from the activations of the training batches
+        data_init(model, cfg.adapter, partial(model_input_batches, train_examples, collate, tokenizer.pad_token_id,
+                                              cfg.train))
     if method.head == "lm+value":
         add_value_head(model, device)
     return Run(cfg, method, Path(cfg.run.dir), device, model, tokenizer, model_dir, train_examples, eval_examples,
                collate, partial(method.step, method=cfg.method), record(rows, held, cfg.data.eval_fraction,
-                                                                        cfg.train.seed))
+                                                                        cfg.train.seed), reward_fn)
 
 
 def execute(run: Run, started: float | None = None) -> dict:
@@ -122,7 +131,8 @@ def _execute(run: Run, started: float) -> dict:
                       method.state(cfg.method) if method.state else None)
     if method.online:
         reward = run.reward_fn or make_reward(cfg, model, run.tokenizer, run.model_dir)
-        ctx = Online(cfg, model, run.tokenizer, run.device, forward, reward, session.state)
+        ctx = Online(cfg, model, run.tokenizer, run.device, forward, reward, session.state,
+                     reference=run.reference, prompts=run.train_examples)
         final = online_loop(session, method, ctx, run.train_examples)
     else:
         final = offline_loop(session, forward, run.train_examples, run.eval_examples, run.collate)

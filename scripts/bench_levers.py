@@ -50,6 +50,7 @@ def child(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alignkit.adapters.reference import reference_mode
     from alignkit.data.tokenize import encode_pair
     from alignkit.forward.logps import sequence_logps
     from alignkit.session.resources import return_freed_memory
@@ -74,7 +75,7 @@ def child(args) -> dict:
     times = []
     for _ in range(args.repeats + 1):
         t0 = time.perf_counter()
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), reference_mode(model):
             ref = sequence_logps(model, batch)[0]
         policy = sequence_logps(model, batch)[0]
         (policy - ref).sum().backward()

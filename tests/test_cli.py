@@ -85,7 +85,7 @@ BAD = [
     (["train.lr=-1"], "train.lr=-1.0 is out of range"),
     (["adapter.r=0"], "adapter.r=0 is out of range"),
     (["train.max_bad_steps=0"], "train.max_bad_steps=0 is out of range"),
-    (["method=ppo", "adapter=full"], "method=ppo does not run with adapter=full"),
+    (["method=grpo", "adapter=bitdelta"], "method=grpo does not run with adapter=bitdelta"),
     (["method=ppo"], "method=ppo needs a reward"),
     (["run.overwrite=true", "run.resume=true"], "set only one of them"),
     (["data.path=/nonexistent/prefs.jsonl"], "no such file"),
@@ -109,6 +109,16 @@ BAD = [
     (["method=simpo", "method.precompute_ref=true"], "drop method.precompute_ref=true"),
     (["method.loss=cdpo"], "method.loss=cdpo needs a label_smoothing > 0"),
     (["method=rm", "method.center_coef=-1"], "method.center_coef=-1.0 is out of range"),
+    (["adapter=qlora", "adapter.init=pissa"], "adapter=qlora adapter.init=pissa: the 4-bit base would hold"),
+    (["adapter=qlora", "adapter.init=olora"], "adapter=qlora adapter.init=olora: the 4-bit base would hold"),
+    (["adapter.init=loftq"], "adapter.init=loftq is the quantisation-aware init of the 4-bit base"),
+    (["adapter=dora", "adapter.init=pissa"], "adapter.use_dora=true with adapter.init=pissa"),
+    (["adapter.init=svd"], "adapter.init=svd is not a LoRA init"),
+    (["adapter.init=pissa_niter_0"], "adapter.init=pissa_niter_0 is not a LoRA init"),
+    (["adapter=pissa", "train.strategy=fsdp"], "adapter.init=pissa does not run with train.strategy=fsdp"),
+    (["adapter=loha", "train.loraplus_lr_ratio=16"], "train.loraplus_lr_ratio is LoRA+"),
+    (["train.loraplus_lr_ratio=0"], "train.loraplus_lr_ratio=0.0 is out of range"),
+    (["adapter=ia3", "adapter.target_modules=[nope]"], "adapter=ia3: peft refused the adapter"),
 ]
 
 

@@ -8,9 +8,10 @@ from alignkit.methods import METHODS, compose as compose_config, validate
 from alignkit.errors import UsageError
 
 # options that need a value only the user has
-REQUIRED = {("data", "file"): ["data.path=rows.jsonl"], ("method", "ppo"): ["reward=gold"]}
+REQUIRED = {("data", "file"): ["data.path=rows.jsonl"], ("method", "ppo"): ["reward=gold"],
+            ("method", "grpo"): ["reward=gold"], ("method", "rloo"): ["reward=gold"]}
 # what a method needs besides its own YAML
-METHOD_NEEDS = {"ppo": ["reward=gold"]}
+METHOD_NEEDS = {"ppo": ["reward=gold"], "grpo": ["reward=gold"], "rloo": ["reward=gold"]}
 
 
 def every_option():
@@ -27,7 +28,8 @@ def test_groups_are_found():
 def test_every_yaml_composes_and_validates(group, option):
     overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
     if group == "adapter":
-        method = next(m for m, record in METHODS.items() if option in record.adapters)
+        preset_of = {p: a.name for a in ADAPTERS.values() for p in a.presets}
+        method = next(m for m, record in METHODS.items() if preset_of.get(option, option) in record.adapters)
         overrides += [f"method={method}", *METHOD_NEEDS.get(method, [])]
     cfg = compose_config(overrides)
     assert OmegaConf.missing_keys(cfg) == set()
@@ -76,7 +78,10 @@ def test_a_run_saved_before_newer_keys_existed_still_loads(tmp_path):
 
     old = OmegaConf.to_container(compose_config(["method=dpo", "model=tiny"]), enum_to_str=True)
     del old["model"]["allow_pickle"], old["train"]["max_bad_steps"], old["run"]["overwrite"]
+    del old["adapter"]["use_dora"], old["adapter"]["init"], old["train"]["loraplus_lr_ratio"], old["export"]
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
     cfg = load_saved_config(tmp_path / "config.yaml")
     assert cfg.model.allow_pickle is False and cfg.train.max_bad_steps == 5 and cfg.run.overwrite is False
     assert cfg.method.beta == 0.1
+    assert cfg.adapter.use_dora is False and cfg.adapter.init == "default" and cfg.train.loraplus_lr_ratio is None
+    assert cfg.export.format.value == "hf"

@@ -181,7 +181,12 @@ def test_qlora_dpo_under_fsdp_matches_one_process(tmp_path):
                         tmp_path / "two/final/adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8"))])
+GRPO = ("reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]",
+        "method.max_new_tokens=8", "method.num_generations=2", "method.scale_rewards=batch")
+
+
+@pytest.mark.parametrize("method,extra", [("rm", ()), ("ppo", ("reward=gold", "method.max_new_tokens=8")),
+                                          ("grpo", GRPO), ("rloo", GRPO[:-1])])
 def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     out = torchrun(*TINY, f"method={method}", *extra, f"run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -190,8 +195,10 @@ def test_rm_and_ppo_run_on_two_processes(tmp_path, method, extra):
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
     assert (tmp_path / "final" / "adapter_config.json").exists()
-    if method == "ppo":
+    if method != "rm":
         assert {x["step"] for x in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines())} == {1}
+    if method in ("grpo", "rloo"):  # each process sampled whole groups of its own prompts
+        assert all(x["completions/mean_length"] > 0 and "reward" in x for x in lines)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -210,3 +217,42 @@ def test_combinations_that_cannot_run_fail_before_any_process_starts(tmp_path, c
 def test_a_recipe_refuses_the_launcher(capsys):
     assert main(["recipe", "dpo", "launcher=torchrun", "nproc=2"]) == 2
     assert "alignkit recipe runs its stages in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["dora", "vera", "loha", "lokr", "ia3"])
+def test_fsdp_trains_the_lora_family_with_one_process_numbers(tmp_path, adapter):
+    """FSDP2 shards the new adapters' weights like LoRA's (VeRA's shared projections are buffers)."""
+    args = (*TINY, f"adapter={adapter}", "train.max_steps=3", "data.eval_fraction=0")
+    one_process(tmp_path / "one", *args, "train.batch_size=8")
+    out = torchrun(*args, "train.batch_size=4", "train.strategy=fsdp", f"run.dir={tmp_path / 'fsdp'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_curve(losses(tmp_path / "fsdp"), losses(tmp_path / "one"))
+    assert_same_tensors(tmp_path / "one/final/adapter_model.safetensors",
+                        tmp_path / "fsdp/final/adapter_model.safetensors")
+
+
+FIXED = Path(__file__).parent / "grpo_fixed.py"
+CRITIC_FREE = (*TINY, "reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:text_length]",
+               "method.num_generations=3", "data.eval_fraction=0", "method.beta=0.1",
+               "method.mask_truncated_completions=true")
+
+
+@pytest.mark.parametrize("method,extra", [("grpo", ("method.loss_type=dapo", "method.scale_rewards=batch")),
+                                          ("rloo", ("method.normalize_advantages=true",))], ids=["grpo", "rloo"])
+def test_critic_free_on_two_processes_gives_the_numbers_of_one(tmp_path, monkeypatch, method, extra):
+    """The same (deterministic) completions: 2 processes of 2 prompts = 1 process of 4 prompts. Each process
+    holds whole groups; dapo's token mean, batch scaling and RLOO's normalisation count every process's
+    completions (the processes hold different token counts, so a per-process mean would differ)."""
+    from alignkit.methods import critic_free
+    from grpo_fixed import fixed_completions
+
+    monkeypatch.setattr(critic_free, "generate", fixed_completions)
+    one_process(tmp_path / "one", f"method={method}", *CRITIC_FREE, *extra, "train.batch_size=4")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(FIXED),
+               "train", *CRITIC_FREE, f"method={method}", *extra, "train.batch_size=2", f"run.dir={tmp_path / 'two'}"]
+    out = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = ("loss", "grad_norm", "reward", "reward_std", "kl", "completions/mean_length")
+    one, two = losses(tmp_path / "one", keys), losses(tmp_path / "two", keys)
+    assert len(one) == 2 and all(x[1] != 0 for x in one)
+    assert_same_curve(two, one, atol=1e-6)

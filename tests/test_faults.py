@@ -22,7 +22,7 @@ from conftest import CMD, TINY, alignkit, compose, metrics, patch_method, tiny_c
 
 # 24 steps (two epochs of 12), a checkpoint after every step: a kill lands in or near a save
 RESUMABLE = [*TINY, "train.max_steps=24", "train.save_every=1", "train.keep_checkpoints=3", "data.eval_fraction=0"]
-TIMING = ("tokens_per_s", "samples_per_s", "gen_tokens_per_s")
+TIMING = ("tokens_per_s", "samples_per_s", "gen_tokens_per_s", "time/generation", "time/update")
 
 
 def start(*args) -> subprocess.Popen:
@@ -70,8 +70,17 @@ PPO_OPTIONS = ("train.max_steps=12", "reward=gold", "method.max_new_tokens=6", "
                "method.whiten_advantages=false")
 
 
+# GRPO with the options whose state a resume must restore: num_iterations (one generation, two optimizer steps
+# on it, old log-probs kept), dynamic sampling (extra prompts drawn per step), the KL term's reference
+GRPO_OPTIONS = ("train.max_steps=12", "reward=functions",
+                f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]", "method.max_new_tokens=6",
+                "method.num_generations=2", "method.num_iterations=2", "method.dynamic_sampling=true",
+                "method.beta=0.05", "method.micro_batch_size=2")
+
+
 @pytest.mark.parametrize("method,kills,options", [("sft", 1, ()), ("dpo", 2, ()), ("rm", 1, ()),
-                                                  ("ppo", 1, PPO_OPTIONS)], ids=["sft", "dpo", "rm", "ppo"])
+                                                  ("ppo", 1, PPO_OPTIONS), ("grpo", 1, GRPO_OPTIONS)],
+                         ids=["sft", "dpo", "rm", "ppo", "grpo"])
 def test_sigkill_while_saving_leaves_whole_checkpoints_and_resume_reproduces_the_run(tmp_path, method, kills,
                                                                                      options):
     args = [f"method={method}", *RESUMABLE, *options]

@@ -24,7 +24,8 @@ def test_wheel_ships_configs_and_composes_from_an_install(tmp_path):
             "cfg = compose(['method=dpo', 'adapter=qlora']); "
             "from alignkit.recipe.plan import plan_recipe; _, stages = plan_recipe('rlhf', ['model=tiny']); "
             "assert [s.name for s in stages] == ['sft', 'rm', 'ppo']; "
-            "assert alignkit.__file__.startswith(sys.argv[1]), alignkit.__file__; print(cfg.method.beta)")
+            "assert alignkit.__file__.startswith(sys.argv[1]), alignkit.__file__; "
+            "import alignkit.export.run, alignkit.export.gguf, alignkit.runs.read; print(cfg.method.beta)")
     done = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}",
                            str(site)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

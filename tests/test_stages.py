@@ -1,5 +1,6 @@
 """Tiny-model stage runs: every trainable parameter moves, frozen ones don't, final/ reloads."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +13,33 @@ from alignkit.train import execute, prepare_run
 
 from conftest import tiny_cfg
 
+from alignkit.adapters import ADAPTERS
 from alignkit.methods import METHODS
 
 # every valid method x adapter cell of the table runs (a new adapter or method is tested by registering it;
-# presets share their method's code and are checked by test_configs), plus the adapter options that change
-# which parameters train or how they are saved
-CELLS = [(m, a, ()) for m, record in METHODS.items() if record.preset_of is None for a in record.adapters] + [
+# method presets share their method's code and are checked by test_configs), every adapter preset wherever its
+# adapter runs, plus the adapter options that change which parameters train, how they start or how they are saved
+BASE_METHODS = {m: record for m, record in METHODS.items() if record.preset_of is None}
+LORA_OPTIONS = [("adapter.use_rslora=true",), ("adapter.init=gaussian",), ("adapter.init=olora",),
+                ("adapter.init=pissa_niter_2",), ("train.loraplus_lr_ratio=16",)]
+QLORA_OPTIONS = [("adapter.use_dora=true",), ("adapter.init=loftq",), ("adapter.init=loftq", "adapter.use_dora=true"),
+                 ("adapter.use_rslora=true", "train.loraplus_lr_ratio=16")]
+CELLS = [(m, a, ()) for m, record in BASE_METHODS.items() for a in record.adapters] + [
+    (m, preset, ()) for m, record in BASE_METHODS.items() for a in record.adapters
+    for preset in ADAPTERS[a].presets] + [
     ("dpo", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("rm", "prefix", ("adapter.prefix_projection=true", "adapter.projection_hidden_size=16")),
     ("sft", "prompt", ("adapter.init_text=Answer:", "train.gradient_checkpointing=true")),
+] + [(m, "lora", o) for m in ("sft", "dpo") for o in LORA_OPTIONS] + [
+    (m, "qlora", o) for m in ("sft", "dpo") for o in QLORA_OPTIONS] + [
+    ("sft", "lora", ("adapter.init=eva",)), ("dpo", "qlora", ("adapter.init=eva",)),  # EVA: ~6 s a cell
+    ("rm", "lora", ("adapter.init=eva",)), ("ppo", "lora", ("adapter.init=eva",)),
+    ("ppo", "qlora", ("adapter.init=loftq",)), ("rm", "qlora", ("adapter.init=loftq",)),
 ]
-# what an online method needs to run on the tiny model: a reward, short rollouts
-ONLINE = ("reward=gold", "method.max_new_tokens=8")
+# what an online method needs to run on the tiny model: a reward that varies between completions (critic-free
+# methods learn nothing from a group whose rewards agree), short rollouts
+ONLINE = ("reward=functions", f"reward.functions=[{Path(__file__).parent / 'rewards.py'}:letters]",
+          "method.max_new_tokens=8")
 
 
 def snapshot(model):
@@ -81,6 +97,29 @@ def test_stage_moves_every_trainable_parameter_and_reloads(tmp_path, method, ada
             expected = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    record_of = ADAPTERS[adapter] if adapter in ADAPTERS else ADAPTERS["lora"]  # dora, pissa: presets of lora
+    if record_of.mergeable and not record_of.trains_base and not record_of.four_bit:
+        plain = plain_peft_reload(run, run_dir, record.head)  # the LoRA family: no alignkit in the loop
+        with torch.no_grad():
+            if record.head == "score":
+                got = last_token_scores(plain, batch)
+            else:
+                got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def plain_peft_reload(run, run_dir, head):
+    """final/ on a fresh base, as a user of transformers and peft would load it (full-precision base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = next(p.dtype for p in run.model.parameters() if p.is_floating_point())
+    if head == "score":
+        base = AutoModelForSequenceClassification.from_pretrained(run.model_dir, num_labels=1, dtype=dtype)
+        base.config.pad_token_id = run.tokenizer.pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype)
+    return PeftModel.from_pretrained(base, run_dir / "final").train()
 
 
 def test_logps_match_a_plain_forward(tmp_path):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from .bitdelta import BITDELTA
+from .family import IA3, LOHA, LOKR, VERA
 from .full import FULL
 from .lora import LORA, QLORA, quantization_config
 from .prompt import PREFIX, PROMPT
 from .record import Adapter
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROMPT, PREFIX, LORA, QLORA, FULL, BITDELTA)}
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (PROMPT, PREFIX, LORA, QLORA, FULL, BITDELTA, VERA, LOHA, LOKR,
+                                                     IA3)}
 
 
 def adapter_record(name: str) -> Adapter:

@@ -59,4 +59,4 @@ def check_bitdelta(cfg, verb: str) -> None:
 
 BITDELTA = Adapter("bitdelta", BitDeltaAdapter, attach_bitdelta, trains_base=True, final="bitdelta", fsdp=False,
                    fsdp_why="the 1-bit compression after training needs the whole model in one process",
-                   check=check_bitdelta)
+                   check=check_bitdelta, mergeable=True)

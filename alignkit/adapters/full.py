@@ -22,4 +22,4 @@ def attach_full(model, adapter, train, task: str = "CAUSAL_LM"):
     return model
 
 
-FULL = Adapter("full", FullAdapter, attach_full, trains_base=True)
+FULL = Adapter("full", FullAdapter, attach_full, trains_base=True, mergeable=True)

@@ -20,3 +20,12 @@ class Adapter:
     fsdp_why: str = ""            # why not, when it doesn't
     final: str = "model"          # what final/ holds: "model" (peft dir or full model) | "bitdelta" (1-bit artifact)
     check: Callable | None = None  # (cfg, verb) -> None; raises UsageError
+    mergeable: bool = False       # folds into the base weights: `alignkit export` and policy.init give a plain model
+                                  # (no inference latency); prompt/prefix's virtual tokens are inputs, not weights
+    loraplus: bool = False        # has LoRA's B matrices, which train.loraplus_lr_ratio (LoRA+) speeds up
+    data_init: Callable | None = None  # (model, adapter cfg, batches) -> None: the part of an init that learns from
+                                       # the training batches (LoRA's init=eva); batches() builds them when called
+    keeps_base: Callable = lambda adapter_cfg: True  # whether the base weights stay as loaded (PiSSA/OLoRA move part
+                                                     # of them into the adapter), so a reward model's adapter trained
+                                                     # on that base may share it
+    presets: tuple[str, ...] = ()  # adapter options whose YAML builds on this one's (adapter.name stays this one's)

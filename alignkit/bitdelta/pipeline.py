@@ -17,7 +17,7 @@ from .. import __version__
 from ..data.load import load_rows
 from ..data.split import HELD_OUT, held_out_rows
 from ..data.tasks import TASKS
-from ..data.tokenize import encode_preference, encode_sft
+from ..data.tokenize import encode_row
 from ..errors import UsageError
 from ..adapters import base_load_options
 from ..io import atomic_dir, atomic_json
@@ -41,17 +41,17 @@ def split_data(cfg: DictConfig, tokenizer, rows, run_dir: Path | None = None) ->
     recorded as held out, else the seeded split of the raw rows `alignkit train` makes with the same data,
     train.seed and data.eval_fraction, so held-out means unseen."""
     held_places = set(held_out_rows(rows, cfg.data.eval_fraction, cfg.train.seed, run_dir))
+    kind = method_record(cfg.method.name).data
+    kind = kind if kind in ("preference", "unpaired") else "sft"
     train, held = [], []
     for place, (where, row) in enumerate(rows):
-        if method_record(cfg.method.name).data == "preference":
-            example = encode_preference(tokenizer, where, row, cfg.data)
-        else:
-            example = encode_sft(tokenizer, where, row, cfg.data, True)
-        if example is not None:
-            (held if place in held_places else train).append((row, example))
+        examples = encode_row(tokenizer, where, row, cfg.data, kind)
+        if examples:
+            (held if place in held_places else train).append((row, examples))
     if not train and not held:
         raise UsageError(f"data: no row fits in data.max_length={cfg.data.max_length}")
-    return sequences([e for _, e in train]), sequences([e for _, e in held]), [r for r, _ in held]
+    return (sequences([e for _, es in train for e in es]), sequences([e for _, es in held for e in es]),
+            [r for r, _ in held])
 
 
 def training_run(cfg: DictConfig) -> Path | None:

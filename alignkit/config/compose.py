@@ -129,6 +129,12 @@ def load_saved_config(path: Path, groups: dict[str, dict[str, type]]) -> DictCon
             for sub in defaults[key]:
                 if sub not in raw[key]:
                     raw[key][sub] = defaults[key][sub]
+    for group in groups:  # keys a group option gained since (adapter.use_dora, ...): that option's defaults
+        name = raw[group].name
+        if name in group_options().get(group, []):
+            for sub, value in compose_config([f"{group}={name}"], groups)[group].items():
+                if sub not in raw[group]:
+                    raw[group][sub] = value
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     for group, schemas in groups.items():
         cfg[group] = OmegaConf.merge(OmegaConf.structured(schemas[raw[group].name]), raw[group])

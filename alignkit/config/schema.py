@@ -55,12 +55,15 @@ class Launcher(Enum):
 class RewardKind(Enum):
     model = "model"
     gold = "gold"
+    functions = "functions"
 
 
 @dataclass
 class RewardConfig:
     kind: RewardKind = MISSING
     run: Optional[str] = MISSING
+    functions: List[str] = MISSING          # reward=functions: "pkg.module:fn", "path/file.py:fn" or a built-in name
+    weights: Optional[List[float]] = MISSING  # one per function; null = all 1
 
 
 @dataclass
@@ -117,6 +120,7 @@ class TrainConfig:
     disable_dropout: bool = MISSING
     eval_batch_size: int = MISSING
     strategy: Strategy = MISSING
+    loraplus_lr_ratio: Optional[float] = MISSING  # LoRA+: the B matrices learn this many times faster; null = off
 
 
 @dataclass
@@ -133,6 +137,27 @@ class SampleConfig(SamplingConfig):
     prompts: Optional[List[str]] = MISSING
     num_prompts: int = MISSING
     batch_size: int = MISSING
+
+
+class ExportFormat(Enum):
+    hf = "hf"
+    gguf = "gguf"
+
+
+class GGUFType(Enum):
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
+@dataclass
+class ExportConfig:
+    dir: Optional[str] = MISSING
+    dtype: Dtype = MISSING
+    format: ExportFormat = MISSING
+    gguf_type: GGUFType = MISSING
+    overwrite: bool = MISSING
+    check_rows: int = MISSING
 
 
 @dataclass
@@ -155,6 +180,7 @@ class Config:
     policy: PolicyConfig = MISSING
     eval: EvalConfig = MISSING
     run: RunConfig = MISSING
+    export: ExportConfig = MISSING
     launcher: Launcher = MISSING
     nproc: int = MISSING
 

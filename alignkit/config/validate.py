@@ -27,6 +27,8 @@ def validate_common(cfg: DictConfig) -> None:
     require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = no clipping)")
     require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0 = only final)")
     require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    if t.loraplus_lr_ratio is not None:
+        require(t.loraplus_lr_ratio > 0, "train.loraplus_lr_ratio", t.loraplus_lr_ratio, "must be > 0 (or null: off)")
     validate_sampling(s, "sample")
     require(s.batch_size >= 1 and s.num_prompts >= 1, "sample.batch_size/num_prompts",
             f"{s.batch_size}/{s.num_prompts}", "must be >= 1")

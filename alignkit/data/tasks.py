@@ -2,6 +2,8 @@
 
 `arithmetic`: one-step word problems (add, subtract, multiply small numbers); the
 preference is about correctness.
+`arithmetic_format`: the same problems, asked to finish with a last line "Answer: N"; the gold judge accepts
+only that line with the right number (a verifiable reward for GRPO/RLOO: a small instruct model starts low).
 `sentiment`: one-sentence reviews; SFT demonstrations take any tone (positive,
 neutral, negative), the preference is about style: the positive review is chosen over
 a neutral or negative one of the same shape, and the gold judge scores the tone with
@@ -61,6 +63,38 @@ def judge_arithmetic(completion: str, answer: int) -> float:
     """Gold judge: 1.0 if the last integer in the completion is the answer, else 0.0."""
     numbers = re.findall(r"-?\d+", completion)
     return float(bool(numbers) and int(numbers[-1]) == answer)
+
+
+FORMAT = " Finish with a last line of the form 'Answer: N', where N is the number."
+ANSWER_LINE = re.compile(r"answer:\s*(-?\d+)\s*\.?", re.IGNORECASE)
+
+
+def arithmetic_format_rows(n: int, seed: int) -> list[dict]:
+    """The arithmetic rows with the answer-line instruction, and replies that end with it."""
+    def reply(arithmetic_reply: list) -> list:
+        value = re.findall(r"-?\d+", arithmetic_reply[0]["content"])[-1]  # "a + b = v. The answer is v."
+        head = arithmetic_reply[0]["content"].split(" = ")[0]
+        return [{"role": "assistant", "content": f"{head} = {value}.\nAnswer: {value}"}]
+
+    rows = []
+    for row in arithmetic_rows(n, seed):
+        prompt = [{"role": "user", "content": row["prompt"][0]["content"] + FORMAT}]
+        good = reply(row["chosen"])
+        rows.append({"prompt": prompt, "completion": good, "chosen": good, "rejected": reply(row["rejected"]),
+                     "answer": row["answer"]})
+    return rows
+
+
+def answer_line(completion: str) -> int | None:
+    """N of a last non-empty line "Answer: N" (case and a final period aside), else None."""
+    lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
+    found = ANSWER_LINE.fullmatch(lines[-1]) if lines else None
+    return int(found.group(1)) if found else None
+
+
+def judge_answer_line(completion: str, answer: int) -> float:
+    """Gold judge of arithmetic_format: 1.0 if the last line is "Answer: N" with the right N, else 0.0."""
+    return float(answer_line(completion) == answer)
 
 
 ITEMS = ["coffee shop", "hotel", "train ride", "museum", "pizza place", "concert", "hiking trail", "bakery",
@@ -130,4 +164,6 @@ def judge_sentiment(completion: str, answer: str) -> float:
     return float(tone(completion) == answer)
 
 
-TASKS = {"arithmetic": (arithmetic_rows, judge_arithmetic), "sentiment": (sentiment_rows, judge_sentiment)}
+TASKS = {"arithmetic": (arithmetic_rows, judge_arithmetic),
+         "arithmetic_format": (arithmetic_format_rows, judge_answer_line),
+         "sentiment": (sentiment_rows, judge_sentiment)}

@@ -8,6 +8,9 @@ tokenized prompt and the tokenized prompt + completion first differ: right after
 token merges across the boundary or the template renders the prompt alone differently (warned once).
 Chosen and rejected share the shorter of their two prompts. A preference row without `prompt` has an
 implicit one: the longest common prefix of chosen and rejected (TRL's `extract_prompt`).
+
+Unpaired rows (KTO) are {prompt, completion, label: true|false}; a preference row is unpaired into its chosen
+(label true) and rejected (label false) answer, each encoded with the prompt on its own, as TRL's KTOTrainer.
 """
 from __future__ import annotations
 
@@ -207,20 +210,64 @@ def encode_preference(tokenizer, where: str, row: dict, data) -> Example | None:
     return pair
 
 
+def unpaired_parts(where: str, row: dict) -> list[tuple]:
+    """[(prompt, completion, label)] of a row for unpaired learning: an unpaired row's own, or a preference
+    row's chosen (label true) and rejected (label false) answers."""
+    if "label" not in row and {"chosen", "rejected"} <= row.keys():
+        prompt, chosen, rejected = preference_parts(where, row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    prompt, completion = _field(where, row, "prompt"), _field(where, row, "completion")
+    same_kind(where, "prompt", prompt, "completion", completion)
+    if "label" not in row:
+        raise UsageError(f"{where}: an unpaired row needs 'prompt', 'completion' and 'label' (true or false), or "
+                         f"'chosen' and 'rejected' (found: {', '.join(row)})")
+    if not isinstance(row["label"], bool):
+        raise UsageError(f"{where}: 'label' must be true or false, not {json.dumps(row['label'])}")
+    return [(prompt, completion, row["label"])]
+
+
+def encode_unpaired(tokenizer, where: str, row: dict, data) -> list[Example]:
+    """The row's unpaired examples: {input_ids, completion_mask, label, completion_ids (before truncation:
+    a mismatched pair puts this completion after another prompt)}; those with no room for a completion dropped."""
+    out = []
+    for prompt, completion, label in unpaired_parts(where, row):
+        prompt_ids, completion_ids = encode_pair(tokenizer, prompt, completion, template_args(where, row), where)
+        ex = truncate(prompt_ids, completion_ids, data.max_length, data.max_prompt_length)
+        if ex is not None:
+            out.append({**ex, "label": label, "completion_ids": completion_ids})
+    return out
+
+
+UNPAIR_BLOCK = 1000  # TRL unpairs preference rows in blocks of 1000 (datasets' map batches)
+
+
+def encode_row(tokenizer, where: str, row: dict, data, kind: str, completion_only: bool = True) -> list[Example]:
+    """One row's examples for a data kind (sft, preference, unpaired); [] when it has no room for a completion."""
+    if kind == "unpaired":
+        return encode_unpaired(tokenizer, where, row, data)
+    if kind == "preference":
+        ex = encode_preference(tokenizer, where, row, data)
+    else:
+        ex = encode_sft(tokenizer, where, row, data, completion_only)
+    return [] if ex is None else [ex]
+
+
 def encode_rows(tokenizer, rows, data, kind: str, completion_only: bool = True) -> list[Example]:
     """Encode every row; rows whose prompt leaves no room for a completion are dropped, and so are
-    preference pairs whose chosen and rejected tokens are the same (they carry no preference)."""
-    out, same = [], []
+    preference pairs whose chosen and rejected tokens are the same (they carry no preference).
+
+    Unpaired examples come in TRL's order: in each block of UNPAIR_BLOCK rows, every row's first example (an
+    unpaired row, a pair's chosen answer), then the pairs' rejected answers."""
+    out, same, order = [], [], []
     for source, (where, row) in enumerate(rows):
-        if kind == "preference":
-            ex = encode_preference(tokenizer, where, row, data)
-        else:
-            ex = encode_sft(tokenizer, where, row, data, completion_only)
-        if ex is not None and kind == "preference" and ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
-            same.append(where)
-        elif ex is not None:
+        for half, ex in enumerate(encode_row(tokenizer, where, row, data, kind, completion_only)):
+            if kind == "preference" and ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
+                same.append(where)
+                continue
             ex["source"] = source  # the row's place in `rows`: the held-out split is over rows (data/split.py)
             out.append(ex)
+            order.append((source // UNPAIR_BLOCK, half, source))
+    out = [ex for _, ex in sorted(zip(order, out), key=lambda pair: pair[0])]
     if same and not out:
         raise UsageError(f"data: 'chosen' equals 'rejected' in every row (e.g. {same[0]}), so there is no "
                          f"preference to learn: check which columns hold the chosen and rejected answers")

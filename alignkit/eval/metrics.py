@@ -13,7 +13,8 @@ from ..data.collate import collate_preference
 from ..data.tasks import TASKS
 from ..data.tokenize import encode_rows, row_prompt
 from ..forward.policy import response_forward
-from ..forward.reference import adapters_off, pair_reference, precompute_reference
+from ..adapters.reference import reference_mode
+from ..forward.reference import pair_reference, precompute_reference
 from ..generation.sample import generate, generation_config, prompt_ids, sample_responses
 from ..methods import method_record
 from ..methods.dpo import DPOLoss, DPOMethod, dpo_step
@@ -33,12 +34,18 @@ def policy_dpo_method(cfg):
                                           gamma=0.0, precompute_ref=False))
 
 
+def scores_rows(kind: str, row: dict) -> bool:
+    """A held-out row the preference metrics can score: a pair, or for unpaired data also a labelled answer."""
+    return ("chosen" in row and "rejected" in row) or (kind == "unpaired" and "label" in row)
+
+
 def preference_metrics(model, tokenizer, cfg, rows, run_dir) -> dict:
-    """The held-out numbers of the run's method when its step scores preference rows (reward-model accuracy,
-    the DPO family's rewards, ...); else DPO metrics of the policy against its reference at eval.beta."""
-    if not all("chosen" in r and "rejected" in r for _, r in rows):
-        return {}
+    """The held-out numbers of the run's method when its step scores preference or unpaired rows (reward-model
+    accuracy, the DPO family's rewards, KTO's, ORPO's, ...); else DPO metrics of the policy against its
+    reference at eval.beta."""
     record = method_record(cfg.method.name)
+    if not all(scores_rows(record.data, r) for _, r in rows):
+        return {}
     device = next(model.parameters()).device
     if record.data in OWN_STEP_DATA:
         examples, collate = record.prepare(cfg, tokenizer, rows)
@@ -73,7 +80,7 @@ def gold_metrics(model, tokenizer, cfg, rows) -> tuple[dict, list]:
     metrics = {"gold/score": sum(scores) / len(scores)}
     samples = [{"prompt": r["prompt"], "completion": o, "gold": s} for r, o, s in zip(rows, outputs, scores)]
     if hasattr(model, "disable_adapter"):
-        with adapters_off(model):
+        with reference_mode(model):
             ref = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.sample, device, cfg.train.seed)
         ref_scores = [judge(o, r["answer"]) for o, r in zip(ref, rows)]
         metrics["gold/score_ref"] = sum(ref_scores) / len(rows)
@@ -99,7 +106,7 @@ def kl_metrics(model, tokenizer, cfg, rows) -> dict:
             chunk = [prompt_ids(tokenizer, p) for p in prompts[i:i + cfg.sample.batch_size]]
             ids, attn, mask, _ = sample_responses(model, tokenizer, chunk, gen, device)
             logp = response_forward(model, ids, attn, mask.shape[1], temperature)[0]
-            with adapters_off(model):
+            with reference_mode(model):
                 ref = response_forward(model, ids, attn, mask.shape[1], temperature)[0]
             total += float(((logp - ref) * mask).sum())
     return {"kl_to_ref": total / len(prompts)}

@@ -1,5 +1,6 @@
-"""The reference policy: the same model with its adapters switched off (one base copy in memory), live or
-computed once before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
+"""The reference policy: the same model with its adapters switched off (one base copy in memory; an adapter
+that starts away from zero switches to its frozen initial copy: adapters/reference.py), live or computed once
+before training and cached (keyed by the weights it runs on, the precision and the tokens)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,28 +11,65 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapters.reference import reference_mode
 from ..data.collate import to_device
 from ..models.fingerprint import weights_fingerprint
 from .logps import sequence_logps
 from .precision import autocast
 
 
-def adapters_off(model):
-    """Context in which `model` is its reference: adapters (LoRA, virtual tokens) off. A model without
-    adapters (full, bitdelta before training) is its own reference."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+@contextlib.contextmanager
+def reference_of(model, frozen=None):
+    """The module a reference forward runs on: the frozen copy of the base when there is one (adapter=full, see
+    models/frozen.py), else `model` itself in reference_mode (adapters off, or its
+    frozen initial adapter)."""
+    if frozen is not None:
+        yield frozen
+        return
+    with reference_mode(model):
+        yield model
+
+
+def reference_copy(run, quant: str, why: str) -> str | None:
+    """For a live reference (an online method's KL term) of a policy that trains every weight (adapter=full: no
+    adapter to switch off): run.reference = a frozen copy of the run's base (models/frozen.py; its policy.init
+    included), int8/nf4 when `quant` says; returns the line that says so. Any other adapter: nothing (None)."""
+    from omegaconf import OmegaConf
+
+    from ..adapters import ADAPTERS
+    from ..models.frozen import load_frozen_copy
+
+    if not ADAPTERS[run.cfg.adapter.name].trains_base:
+        return None
+    base = OmegaConf.merge(run.cfg.model, {"path": run.model_dir})
+    run.reference, line = load_frozen_copy(base, run.model, run.device, quant, why)
+    return line
 
 
 def reference_sequence_logps(model, batch: dict) -> torch.Tensor:
     """Summed completion log-probs of each row under the reference, (B,), no gradient."""
-    with torch.no_grad(), adapters_off(model):
+    with torch.no_grad(), reference_mode(model):
         return sequence_logps(model, batch)[0]
+
+
+def split_reference(model, batch: dict, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The reference log-probs of a batch laid out as len(names) groups of batch["count"] rows (a preference
+    batch: chosen rows, then rejected rows): {name: (count,)}, one per group."""
+    lp, n = reference_sequence_logps(model, batch), batch["count"]
+    return {name: lp[i * n:(i + 1) * n] for i, name in enumerate(names)}
 
 
 def pair_reference(model, batch: dict) -> dict[str, torch.Tensor]:
     """A preference batch's reference log-probs: {ref_chosen, ref_rejected}, (pairs,) each (chosen rows first)."""
-    lp, n = reference_sequence_logps(model, batch), batch["count"]
-    return {"ref_chosen": lp[:n], "ref_rejected": lp[n:]}
+    return split_reference(model, batch, ("ref_chosen", "ref_rejected"))
+
+
+def batch_reference(model, batch: dict, names: tuple[str, ...]) -> torch.Tensor:
+    """The reference's summed log-probs of every row of the batch, in order: precomputed in the batch (the
+    columns `names`, one per group of rows), or live (adapters off)."""
+    if names[0] in batch:
+        return torch.cat([batch[name] for name in names])
+    return reference_sequence_logps(model, batch)
 
 
 def reference_key(model, examples: list, precision: str) -> str:

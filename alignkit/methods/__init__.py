@@ -14,7 +14,7 @@ from ..adapters import ADAPTERS
 from ..config.compose import compose_config, load_saved_config
 from ..config.validate import validate_common
 from ..errors import UsageError
-from . import dpo, ppo, rm, sft
+from . import dpo, grpo, kto, orpo, ppo, rloo, rm, sft
 from .record import Method
 
 METHODS: dict[str, Method] = {}
@@ -27,7 +27,7 @@ def register(method: Method) -> None:
         METHODS[name] = replace(method, name=name, presets=(), preset_of=method.name)
 
 
-for _module in (sft, rm, dpo, ppo):
+for _module in (sft, rm, dpo, kto, orpo, ppo, grpo, rloo):
     register(_module.METHOD)
 
 
@@ -67,6 +67,16 @@ def validate(cfg: DictConfig, verb: str = "train") -> None:
                              f"reward=gold")
         if cfg.reward.kind.value == "gold" and cfg.data.task is None:
             raise UsageError("reward=gold needs a built-in task (data.task=...) whose gold judge scores completions")
+        if cfg.reward.kind.value == "functions" and not cfg.reward.functions:
+            raise UsageError("reward=functions needs reward.functions=[pkg.module:fn, path/to/file.py:fn, ...]")
+        weights = cfg.reward.weights
+        if cfg.reward.kind.value == "functions" and weights is not None and len(weights) != len(cfg.reward.functions):
+            raise UsageError(f"reward.weights has {len(weights)} values for {len(cfg.reward.functions)} "
+                             f"reward.functions (one weight each, or null for all 1)")
+    if cfg.train.loraplus_lr_ratio is not None and not adapter.loraplus:
+        raise UsageError(f"train.loraplus_lr_ratio is LoRA+ (faster B matrices of LoRA): adapter={adapter.name} has "
+                         f"none; use {' or '.join(a.name for a in ADAPTERS.values() if a.loraplus)}, or "
+                         f"train.loraplus_lr_ratio=null")
     if method.check is not None:
         method.check(cfg)
     if adapter.check is not None:

@@ -42,17 +42,6 @@ def uses_reference(method) -> bool:
     return method.loss.value != "simpo"
 
 
-def reference_logps(model, batch: dict):
-    """The reference's summed log-probs, (2n,): precomputed in the batch, or live (adapters off)."""
-    import torch
-
-    from ..forward.reference import reference_sequence_logps
-
-    if "ref_chosen" in batch:
-        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
-    return reference_sequence_logps(model, batch)
-
-
 def preference_losses(method, policy, tokens, ref, n: int):
     """Dispatch on method.loss; policy/tokens/ref are (2n,) with chosen rows first."""
     from ..objectives import dpo_loss, hinge_loss, ipo_loss, simpo_loss
@@ -71,20 +60,25 @@ def preference_losses(method, policy, tokens, ref, n: int):
 
 def dpo_step(model, batch: dict, denominator: int, method):
     from ..forward.logps import sequence_logps
+    from ..forward.reference import batch_reference
 
     n = batch["count"]
     policy, tokens = sequence_logps(model, batch)
-    ref = reference_logps(model, batch) if uses_reference(method) else None
+    ref = batch_reference(model, batch, ("ref_chosen", "ref_rejected")) if uses_reference(method) else None
     losses, chosen_r, rejected_r = preference_losses(method, policy, tokens, ref, n)
-    stats = {
+    return losses.sum() / denominator, pair_stats(chosen_r, rejected_r, policy[:n], policy[n:])
+
+
+def pair_stats(chosen_r, rejected_r, logps_chosen, logps_rejected) -> dict:
+    """TRL's numbers of a batch of pairs, as sums over its pairs: rewards/*, logps/*."""
+    return {
         "rewards/chosen": chosen_r.sum(),
         "rewards/rejected": rejected_r.sum(),
         "rewards/accuracies": (chosen_r > rejected_r).float().sum(),  # strict, as TRL
         "rewards/margins": (chosen_r - rejected_r).sum(),
-        "logps/chosen": policy[:n].detach().sum(),
-        "logps/rejected": policy[n:].detach().sum(),
+        "logps/chosen": logps_chosen.detach().sum(),
+        "logps/rejected": logps_rejected.detach().sum(),
     }
-    return losses.sum() / denominator, stats
 
 
 def prepare(cfg, tokenizer, rows):
@@ -94,21 +88,24 @@ def prepare(cfg, tokenizer, rows):
     return examples, partial(collate_preference, pad_id=tokenizer.pad_token_id, packed=packing(cfg))
 
 
-def precomputed_reference(cfg) -> bool:
-    """The reference log-probs are computed before training: asked for, or no adapter to switch off."""
-    return uses_reference(cfg.method) and (cfg.method.precompute_ref or ADAPTERS[cfg.adapter.name].trains_base)
+def precomputed_reference(run) -> bool:
+    """The run's reference log-probs are computed before training: it uses a reference and asked for this
+    (method.precompute_ref), or has no adapter to switch off."""
+    cfg = run.cfg
+    return run.method.reference(cfg.method) and (cfg.method.precompute_ref or ADAPTERS[cfg.adapter.name].trains_base)
 
 
 def before_training(run) -> None:
-    """One reference pass before training (no reference forward, or second model copy, while training); rank 0
-    writes the cache, the other processes then read it."""
+    """One reference pass before training (no reference forward, or second model copy, while training) with the
+    method's reference_values; rank 0 writes the cache, the other processes then read it."""
     from ..forward.reference import precompute_reference
     from ..session import dist
 
-    if precomputed_reference(run.cfg):
+    if precomputed_reference(run):
         dist.main_first(lambda: precompute_reference(
             run.model, run.train_examples + run.eval_examples, run.collate, run.cfg.train.eval_batch_size,
-            run.device, run.cfg.train.precision.value, run.run_dir / "ref_logps.safetensors"))
+            run.device, run.cfg.train.precision.value, run.run_dir / "ref_logps.safetensors",
+            run.method.reference_values))
 
 
 def pair_reference_values(model, batch: dict) -> dict:

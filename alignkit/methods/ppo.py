@@ -1,6 +1,7 @@
 """PPO-RLHF on one base model copy.
 
-policy = base + the trained adapter; reference = the same base with adapters off; value function = a
+policy = base + the trained adapter; reference = the same base with adapters off (adapter=full: a frozen second
+copy of the base, optionally int8/nf4: method.ref_quant); value function = a
 zero-initialised Linear on the policy's last hidden state (one forward gives log-probs and values, as in
 lm-human-preferences); reward = the runner's reward function (a reward-model adapter on the same base, a
 separate RM, or a gold judge). Log-probs divide the logits by the sampling temperature in the rollout, the
@@ -22,8 +23,8 @@ from omegaconf import MISSING
 
 from ..config.schema import SamplingConfig
 from ..config.validate import validate_sampling
-from ..data.tokenize import encode_prompts
-from ..errors import require
+from ..errors import UsageError, require
+from .critic_free import ADAPTERS, WHY_NOT_FSDP, RefQuant, before_training as load_reference, prepare
 from .record import Method
 
 
@@ -49,11 +50,8 @@ class PPOMethod(SamplingConfig):
     ppo_epochs: int = MISSING
     num_minibatches: int = MISSING
     missing_eos_penalty: Optional[float] = MISSING
+    ref_quant: RefQuant = MISSING
     sample_every: int = MISSING
-
-
-def prepare(cfg, tokenizer, rows):
-    return encode_prompts(tokenizer, rows, cfg.data, cfg.method.max_new_tokens), None
 
 
 def rollout(ctx, examples: list) -> dict:
@@ -62,9 +60,10 @@ def rollout(ctx, examples: list) -> dict:
 
     from ..forward.policy import response_forward
     from ..forward.precision import autocast
-    from ..forward.reference import adapters_off
+    from ..forward.reference import reference_of
     from ..generation.sample import sample_responses, sampling_config
     from ..objectives.ppo import kl_penalty, masked_mean, token_rewards
+    from ..scoring.functions import sequence_scores
 
     m, device = ctx.cfg.method, ctx.device
     started = time.perf_counter()
@@ -74,10 +73,10 @@ def rollout(ctx, examples: list) -> dict:
     n = mask.shape[1]
     with torch.no_grad(), autocast(ctx.cfg.train.precision.value, device):
         logp, values, entropy = response_forward(ctx.model, ids, attn, n, m.temperature, values=True)
-        with adapters_off(ctx.model):
-            ref_logp = response_forward(ctx.model, ids, attn, n, m.temperature)[0]
+        with reference_of(ctx.model, ctx.reference) as reference:
+            ref_logp = response_forward(reference, ids, attn, n, m.temperature)[0]
     texts = [ctx.tokenizer.decode(r[k == 1], skip_special_tokens=True) for r, k in zip(ids[:, -n:], mask)]
-    scores = ctx.reward([e["row"] for e in examples], texts).to(device).float()
+    scores = sequence_scores(ctx.reward([e["row"] for e in examples], texts), ctx.cfg.reward.weights).to(device)
     if m.missing_eos_penalty is not None:
         scores = scores - m.missing_eos_penalty * (~has_eos).float()
     maskf = mask.float()
@@ -161,10 +160,18 @@ def check(cfg) -> None:
         require(m[key] >= 1, f"method.{key}", m[key], "must be >= 1")
     require(m.num_minibatches <= t.batch_size, "method.num_minibatches", m.num_minibatches,
             f"must be <= train.batch_size={t.batch_size} (rollouts per step)")
+    if m.ref_quant.value != "none" and cfg.adapter.name != "full":
+        raise UsageError(f"method.ref_quant={m.ref_quant.value} quantises the frozen reference copy, which only "
+                         f"adapter=full loads (other adapters' reference is the base with the adapter off): drop it")
 
 
-METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=("prompt", "prefix", "lora", "qlora"),
+def before_training(run) -> None:
+    """adapter=full: the reference is a frozen copy of the base (said in the log); other adapters switch off."""
+    load_reference(run, "kl_coef")
+
+
+METHOD = Method("ppo", PPOMethod, data="prompts", head="lm+value", adapters=ADAPTERS,
                 metrics=("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value"),
                 prepare=prepare, step=minibatch_loss, rollout=rollout, update=update, check=check, finish=finish,
-                strategies=("ddp",), why_not_fsdp="rollouts generate on each process alone, which sharded weights "
-                "do not allow", state=lambda m: {"kl_coef": m.kl_coef})
+                before_training=before_training,
+                strategies=("ddp",), why_not_fsdp=WHY_NOT_FSDP, state=lambda m: {"kl_coef": m.kl_coef})

@@ -7,7 +7,7 @@ nothing heavy, and a bad override fails in a second, before torch is imported.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 DATA_KINDS = ("sft", "preference", "unpaired", "prompts")
@@ -33,6 +33,8 @@ class Method:
     strategies: tuple[str, ...] = ("ddp", "fsdp")
     why_not_fsdp: str = ""
     check: Callable | None = None    # (cfg) -> None: the method's own config checks (UsageError)
+    check_data: Callable | None = None  # (cfg, train examples) -> None: checks of what it trains on (UsageError),
+                                        # before anything is written
     before_training: Callable | None = None  # (run) -> None: e.g. precomputing reference log-probs
     finish: Callable | None = None   # (model, final dir) -> None: extra files in final/
     state: Callable | None = None    # online: (method cfg) -> what it keeps across steps (checkpointed)
@@ -52,6 +54,8 @@ class Online:
     tokenizer: object
     device: object
     forward: object          # the method's step as one module (DDP/FSDP-wrapped): forward(minibatch, denominator)
-    reward: Callable         # (rows, completion texts) -> (B,) scores
+    reward: Callable         # (rows, completion texts, completion ids=None) -> (B,) scores or {name: (B,) scores}
     state: dict              # what the method keeps across steps (the session checkpoints it)
     step: int = 0            # the step under way
+    reference: object = None  # a frozen copy of the base as the reference, or None: the model with adapters off
+    prompts: list = field(default_factory=list)  # every training prompt (e.g. for extra draws)

@@ -48,5 +48,6 @@ def check(cfg) -> None:
 
 
 METHOD = Method("rm", RMMethod, data="preference", head="score",
-                adapters=("prompt", "prefix", "lora", "qlora", "full"), metrics=("loss", "accuracy", "margin"),
+                adapters=("prompt", "prefix", "lora", "qlora", "full", "vera", "loha", "lokr", "ia3"),
+                metrics=("loss", "accuracy", "margin"),
                 prepare=prepare, step=rm_step, reference=lambda m: False, check=check)

@@ -1,5 +1,5 @@
-"""Where an online method's sequence scores come from (reward.*): a reward-model run or a built-in task's gold
-judge. A reward model trained as an adapter on the policy's own base is loaded as a second adapter plus its
+"""Where an online method's sequence scores come from (reward.*): a reward-model run, a built-in task's gold
+judge, or reward functions (scoring/functions.py). A reward model trained as an adapter on the policy's own base is loaded as a second adapter plus its
 score head (no second copy of the base); any other is loaded as its own model."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from ..adapters import ADAPTERS
 from ..errors import UsageError
 from ..models.load import resolve_model_dir
+from ..scoring.functions import functions_reward
 from ..scoring.gold import gold_reward
 from ..scoring.reward_model import score_texts, shared_base_reward, texts_reward
 from .read import base_model_cfg, finished_run, head_of, load_run
@@ -47,11 +48,16 @@ def load_scorer(run_dir: str | Path, device=None, batch_size: int = 8):
 
 
 def make_reward(cfg, model, tokenizer, model_dir: str):
-    """(rows, completion texts) -> (B,) scores, as reward.* says."""
+    """(rows, completion texts, completion ids=None) -> (B,) scores, or {function name: (B,) scores} for
+    reward=functions, as reward.* says."""
     if cfg.reward.kind.value == "gold":
         return gold_reward(cfg.data.task)
+    if cfg.reward.kind.value == "functions":
+        return functions_reward(cfg.reward.functions)
     rm_dir, rm_cfg = reward_run(cfg, tokenizer)
-    shareable = ADAPTERS[rm_cfg.adapter.name].switchable and ADAPTERS[cfg.adapter.name].switchable
+    policy = ADAPTERS[cfg.adapter.name]  # a policy whose init moved base weights into its adapter (PiSSA) has
+    # another base than the one the reward model's adapter was trained on
+    shareable = ADAPTERS[rm_cfg.adapter.name].switchable and policy.switchable and policy.keeps_base(cfg.adapter)
     if shareable and resolve_model_dir(base_model_cfg(rm_cfg).path) == model_dir:
         return shared_base_reward(model, tokenizer, rm_dir / "final", rm_cfg.data.max_length, cfg.sample.batch_size)
     print(f"alignkit: the reward model {rm_dir} was not trained as an adapter on this base "

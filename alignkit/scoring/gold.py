@@ -7,10 +7,10 @@ from ..data.tasks import TASKS
 
 
 def gold_reward(task: str):
-    """(rows, completion texts) -> (B,) scores: the task's judge against each row's answer."""
+    """(rows, completion texts[, completion ids]) -> (B,) scores: the task's judge against each row's answer."""
     judge = TASKS[task][1]
 
-    def reward(rows: list[dict], texts: list[str]) -> torch.Tensor:
+    def reward(rows: list[dict], texts: list[str], completion_ids=None) -> torch.Tensor:
         return torch.tensor([judge(t, r["answer"]) for r, t in zip(rows, texts)])
 
     return reward

@@ -39,8 +39,9 @@ def score_texts(model, tokenizer, prompts: list, completions: list, max_length: 
 
 
 def texts_reward(score):
-    """(rows, texts) -> scores, from score(prompts, completions): completions in each prompt's format."""
-    def reward(rows: list[dict], texts: list[str]) -> torch.Tensor:
+    """(rows, texts[, completion ids]) -> scores, from score(prompts, completions): completions in each prompt's
+    format."""
+    def reward(rows: list[dict], texts: list[str], completion_ids=None) -> torch.Tensor:
         prompts = [r["prompt"] for r in rows]
         return score(prompts, [as_completion(p, t) for p, t in zip(prompts, texts)])
 

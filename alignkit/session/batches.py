@@ -46,3 +46,20 @@ def step_windows(examples, train, per_epoch: int, start: int, total: int, accum:
                                                          train.shuffle)
         i = (step % per_epoch) * accum
         yield step, epoch, [dist.share(b, rank, world) for b in batches[i:i + accum]]
+
+
+def model_input_batches(examples: list, collate, pad_id: int, train) -> list[dict]:
+    """The training rows in epoch 0's order as plain model inputs ({input_ids, attention_mask} micro-batches of
+    train.batch_size), the same on every process: for an adapter init that learns from data (LoRA's init=eva).
+    collate None (online methods): the rows are prompts (prompt_ids), left-padded."""
+    from ..generation.sample import left_pad
+
+    batches = []
+    for rows in micro_batches(examples, train.batch_size, train.seed, 0, train.shuffle):
+        if collate is None:
+            ids, attn = left_pad([r["prompt_ids"] for r in rows], pad_id, "cpu")
+        else:
+            batch = collate(rows)
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+        batches.append({"input_ids": ids, "attention_mask": attn})
+    return batches

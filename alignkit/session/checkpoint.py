@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapters.reference import save_adapter
 from ..io import atomic_dir
 from . import dist
 from .rundir import checkpoints
@@ -117,14 +118,15 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def save_final(path: Path, model, tokenizer, extra=None, state_dict=None) -> None:
-    """final/: a peft adapter dir (the trained "default" adapter only) or a full model dir, plus the
-    tokenizer; extra(tmp_dir) adds a method's files (PPO's value head). state_dict: the model's
-    whole tensors when FSDP shards it (dist.gathered_state); None = read the model."""
+    """final/: a peft adapter dir (the trained "default" adapter, applying to the original base:
+    adapters/reference.py) or a full model dir, plus the tokenizer; extra(tmp_dir) adds a method's files (PPO's
+    value head). state_dict: the model's whole tensors when FSDP shards it (dist.gathered_state); None = read
+    the model."""
     def write(tmp: Path) -> None:
-        kwargs = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}
-        if state_dict is not None:
-            kwargs["state_dict"] = state_dict
-        model.save_pretrained(tmp, **kwargs)
+        if hasattr(model, "peft_config"):
+            save_adapter(model, tmp, state_dict)
+        else:
+            model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(model, tmp)

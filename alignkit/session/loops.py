@@ -31,7 +31,7 @@ def run_batches(forward, micro: list, collate, precision: str, device, backward=
     gradients, the global loss is their sum); a stand-in micro-batch (0 real rows) counts zero.
     """
     batches = [(to_device(collate(rows), device), real > 0) for rows, real in micro]
-    denom = int(dist.all_sum({"count": sum(b["count"] for b, real in batches if real)})["count"])
+    denom = int(step_counts(batches)["count"])
     sums: dict[str, float] = defaultdict(float)
     for i, (batch, real) in enumerate(batches):
         with dist.sync_gradients(forward, i == len(batches) - 1):
@@ -46,6 +46,21 @@ def run_batches(forward, micro: list, collate, precision: str, device, backward=
         sums["_tokens"] += int(batch["attention_mask"].sum()) if real else 0
         sums["_samples"] += batch["samples"] if real else 0
     return dist.all_sum(sums)
+
+
+def step_counts(batches: list) -> dict:
+    """The step's global counts, summed over its real micro-batches and the processes: "count" (the loss
+    denominator) and those a batch lists under "counts" (KTO's desirable rows, ORPO's NLL tokens). Each batch
+    gets them as "step_counts", and "stand_in": whether it is a stand-in (its rows count zero in a method's own
+    collectives too)."""
+    local: dict[str, float] = defaultdict(float)
+    for batch, real in batches:
+        for key, value in {"count": batch["count"], **batch.get("counts", {})}.items():
+            local[key] += value if real else 0
+    totals = dist.all_sum(local)
+    for batch, real in batches:
+        batch["step_counts"], batch["stand_in"] = totals, not real
+    return totals
 
 
 def evaluate(forward, examples, collate, cfg, device) -> dict:

@@ -7,23 +7,37 @@ import warnings
 import torch
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float, device: torch.device):
-    """adamw (torch) or bitsandbytes' 8-bit / paged AdamW; paged falls back off-GPU."""
+def make_optimizer(name: str, params, lr: float, weight_decay: float, device: torch.device, model=None,
+                   loraplus_lr_ratio: float | None = None):
+    """adamw (torch) or bitsandbytes' 8-bit / paged AdamW; paged falls back off-GPU.
+
+    loraplus_lr_ratio (LoRA+, Hayou et al. 2024): peft's create_loraplus_optimizer over model's trainable
+    weights: LoRA's B matrices and every 1-D weight (biases, DoRA magnitudes) at lr x ratio, the rest (A
+    matrices; LoRA on embeddings too) at lr, in their own param groups; the schedule scales every group."""
+    cls = optimizer_class(name, device)
+    if loraplus_lr_ratio is None:
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                     loraplus_weight_decay=weight_decay, loraplus_lr_embedding=lr)
+
+
+def optimizer_class(name: str, device: torch.device):
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW
     import bitsandbytes as bnb
 
     if name.startswith("paged_") and device.type != "cuda":
         warnings.warn(f"train.optimizer={name}: paged optimizers need CUDA; using the non-paged version on "
-                      f"{device.type}", stacklevel=2)
+                      f"{device.type}", stacklevel=3)
         name = name.removeprefix("paged_")
-    cls = {
+    return {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "adamw_32bit": torch.optim.AdamW,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def make_scaler(precision: str, device: torch.device):

@@ -37,7 +37,8 @@ class Session:
         self.cfg, self.model, self.run_dir, self.device = cfg, model, Path(run_dir), device
         self.per_epoch, self.total = per_epoch, total
         self.params = [p for p in model.parameters() if p.requires_grad]  # after dist.wrap: FSDP's shards
-        self.optimizer = make_optimizer(t.optimizer.value, self.params, t.lr, t.weight_decay, device)
+        self.optimizer = make_optimizer(t.optimizer.value, self.params, t.lr, t.weight_decay, device, model,
+                                        t.loraplus_lr_ratio)
         updates = total * updates_per_step
         self.scheduler = get_scheduler(t.schedule.value, self.optimizer, num_training_steps=updates,
                                        num_warmup_steps=int(t.warmup_ratio * updates))
