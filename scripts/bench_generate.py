@@ -2,15 +2,18 @@
 """Generation speed: transformers' generate vs alignkit's rollout decoder, against the memory-bound ceiling.
 
     python scripts/bench_generate.py [--model DIR] [--batch 1 8 32] [--new-tokens 64] [--precision fp32 bf16]
-                                     [--threads N] [--json out.json]
+                                     [--repeats 3] [--quick] [--threads N] [--json out.json]
 
-Decoding is memory-bound: each generated position reads every weight once for the whole batch, so a step takes
-at least weight bytes / memory bandwidth. The ceiling (tokens/s = batch / that time) uses a copy bandwidth
-measured in the same run (bytes read + written by a large tensor copy, per second). The policy is the embedded
-SmolLM2-135M-Instruct with a LoRA r16 adapter (all linear layers, B moved off zero so it counts), sampled at
-temperature 0.7, no EOS stop (every row generates --new-tokens). Rows: transformers' generate (unmerged
-adapter), alignkit's decoder with the adapter unmerged and merged into the weights (peft merge_adapter), and
-the ceiling. Best of --repeats timings per row.
+Decoding is memory-bound in principle: each generated position reads every weight once for the whole batch, so a
+step takes at least weight bytes / memory bandwidth. The ceiling (tokens/s = batch x bandwidth / weight bytes)
+uses a copy bandwidth measured in the same process just before the timings (bytes read + written per second by
+copying a 256 MB tensor, best of 5, the same thread count). The policy is the embedded SmolLM2-135M-Instruct with
+a LoRA r16 adapter on every linear layer (B moved off zero so it counts), sampled at temperature 0.7 with EOS
+ignored (every row generates --new-tokens). Per precision and batch, one child process (its own peak RSS) times:
+transformers' generate (the unmerged peft model), alignkit's decoder (generation/decode.py) with the adapter
+unmerged and merged for sampling (generation/merge.py, as method.merge_for_generation=true does), taking turns
+within each repeat after one untimed round; tokens/s from each one's fastest repeat (the least disturbed on
+shared cores). --quick: one timed repeat, for a check that the script runs end to end.
 """
 from __future__ import annotations
 
@@ -22,7 +25,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_common as bc  # noqa: E402
+
+WORDS = "Write one sentence about the river, the model and the memory of a long summer day".split()
+ROWS = ("transformers generate", "alignkit, unmerged", "alignkit, merged")
 
 
 def copy_bandwidth(repeats: int = 5, size: int = 256 << 20) -> float:
@@ -42,82 +50,94 @@ def policy(model_dir: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read once per step
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir), weight_bytes
 
 
-def prompts(tokenizer, batch: int) -> list[list[int]]:
-    from alignkit.generation.sample import prompt_ids
+def child(args) -> dict:
+    """One precision and batch: seconds of each row's fastest repeat, the bandwidth, the weight bytes."""
+    from transformers import GenerationConfig
 
-    words = "Write one sentence about the river, the model and the memory of a long summer day".split()
-    return [prompt_ids(tokenizer, " ".join(words[: 6 + (i * 5) % 10])) for i in range(batch)]
+    from alignkit.generation.decode import Sampling, decode
+    from alignkit.generation.merge import merged
+    from alignkit.generation.sample import left_pad, prompt_ids
 
+    dtype = torch.float32 if args.precision[0] == "fp32" else torch.bfloat16
+    model, tokenizer, weight_bytes = policy(args.model, dtype)
+    batch, n = args.batch[0], args.new_tokens
+    ids, attn = left_pad([prompt_ids(tokenizer, " ".join(WORDS[: 6 + (i * 5) % 10])) for i in range(batch)],
+                         tokenizer.pad_token_id, "cpu")
+    gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    s = Sampling(n, 0.7, 0, 1.0, eos=(), pad=tokenizer.pad_token_id)
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+    def merged_decode():
+        with merged(model, True):
+            decode(model, ids, attn, s)
+
+    runs = {ROWS[0]: lambda: model.generate(input_ids=ids, attention_mask=attn, generation_config=gen),
+            ROWS[1]: lambda: decode(model, ids, attn, s), ROWS[2]: merged_decode}
+    bandwidth = copy_bandwidth()
+    best = {name: float("inf") for name in runs}
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):  # round 0: untimed warm-up
+            for name, fn in runs.items():
+                started = time.perf_counter()
+                fn()
+                if repeat:
+                    best[name] = min(best[name], time.perf_counter() - started)
+    return {"seconds": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes, "threads": torch.get_num_threads()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="local model dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one timed repeat (a check that it runs end to end)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import GenerationConfig
-
-    from alignkit.generation.decode import Sampling, decode
-    from alignkit.generation.sample import left_pad
-    from alignkit.models.load import resolve_model_dir
-
-    model_dir = args.model or resolve_model_dir("alignkit:smollm2-135m-instruct")
-    bandwidth = copy_bandwidth()
-    report = {"model": model_dir, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": []}
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+    bc.resolve_model(args)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    repeats = 1 if args.quick else args.repeats
+    report = {"model": args.model, "new_tokens": args.new_tokens, "repeats": repeats, "runs": []}
     for precision in args.precision:
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        model, tokenizer = policy(model_dir, dtype)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        s = Sampling(args.new_tokens, 0.7, 0, 1.0)
-        gen = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True,
-                               temperature=0.7, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        table = []
         for batch in args.batch:
-            ids, attn = left_pad(prompts(tokenizer, batch), tokenizer.pad_token_id, "cpu")
-            tokens = batch * args.new_tokens
-            rows = {}
-            with torch.no_grad():
-                rows["transformers generate"] = timed(lambda: model.generate(input_ids=ids, attention_mask=attn,
-                                                                             generation_config=gen), args.repeats)
-                rows["alignkit decoder, unmerged"] = timed(lambda: decode(model, ids, attn, s, -1, 0), args.repeats)
-                model.merge_adapter()
-                rows["alignkit decoder, merged"] = timed(lambda: decode(model, ids, attn, s, -1, 0), args.repeats)
-                model.unmerge_adapter()
-            ceiling = batch * bandwidth / weight_bytes
-            print(f"\n{precision}, batch {batch}, {args.new_tokens} new tokens; weights {weight_bytes / 1e9:.2f} GB, "
-                  f"ceiling {ceiling:.0f} tokens/s")
-            for name, seconds in rows.items():
-                rate = tokens / seconds
-                print(f"  {name:<28} {rate:8.1f} tokens/s  {rate / ceiling:6.1%} of ceiling  "
-                      f"{rate / (tokens / rows['transformers generate']):5.2f}x generate")
-                report["rows"].append({"precision": precision, "batch": batch, "what": name, "tokens_per_s": rate,
-                                       "of_ceiling": rate / ceiling, "ceiling": ceiling})
+            cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(batch), "--precision",
+                   precision, "--new-tokens", str(args.new_tokens), "--repeats", str(repeats),
+                   *(["--threads", str(args.threads)] if args.threads else [])]
+            r = bc.run_child(cmd)
+            ceiling = batch * r["bandwidth"] / r["weight_bytes"]
+            generate = batch * args.new_tokens / r["seconds"][ROWS[0]]
+            for name in ROWS:
+                rate = batch * args.new_tokens / r["seconds"][name]
+                report["runs"].append({"precision": precision, "batch": batch, "what": name, "tokens_per_s": rate,
+                                       "of_ceiling": rate / ceiling, "vs_generate": rate / generate,
+                                       "ceiling_tokens_per_s": ceiling, "copy_bandwidth_gb_s": r["bandwidth"] / 1e9,
+                                       "weight_gb": r["weight_bytes"] / 1e9, "threads": r["threads"],
+                                       "child_peak_rss_mb": r["peak_rss_mb"]})
+                table.append((f"batch {batch:>3}  {name}", [bc.fmt(rate, 1), f"{rate / ceiling:.1%}",
+                                                            f"{rate / generate:.2f}x", bc.fmt(ceiling, 0)]))
+            print(f"  ({precision}, batch {batch}: copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s, weights "
+                  f"{r['weight_bytes'] / 1e9:.2f} GB, {r['threads']} threads, child peak RSS "
+                  f"{r['peak_rss_mb']:.0f} MB)", flush=True)
+        bc.print_table(f"{precision}: {args.new_tokens} new tokens, temperature 0.7, LoRA r16 all-linear, best of "
+                       f"{repeats}", table, ["tokens/s", "of ceiling", "vs generate", "ceiling tok/s"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -1,13 +1,15 @@
-"""A rollout decoder: batched sampling over a preallocated (static) KV cache, the sampling arithmetic on the
-device, one model call per generated token.
+"""The rollout decoder: every sampling path's (PPO, GRPO/RLOO groups, `alignkit generate`, eval, BitDelta's gold).
 
 transformers' `generate` runs a chain of logits processors, stopping criteria and cache bookkeeping around every
-step; for small batches on a CPU that costs as much as the model itself. Here a step is one forward of the new
-tokens plus a few tensor ops: temperature, then top-k, then top-p (the order of transformers' warpers), one
-multinomial draw, EOS bookkeeping. Left padding is handled once, in the position ids and the attention mask.
-Prompt and prefix tuning's virtual tokens go in at the prefill (embeddings in front, or their keys and values
-written into the cache first). The log-probs of the sampled tokens are those of logits / temperature, unfiltered:
-what a plain forward gives (forward.policy.response_forward) and what PPO-style ratios use.
+step; for small batches on a CPU that costs as much as the model. Here the left-padded prompts go through the
+model once (forward/policy.prompt_cache: an adapter's virtual tokens in front, positions numbered from the
+attention mask as generate() numbers them), their KV cache is repeated for a group's G completions, and each step
+is one forward of the new tokens plus a few tensor ops on the device: temperature, top-k, top-p (the order of
+transformers' warpers), one multinomial draw (argmax at temperature 0), EOS bookkeeping. A row that has drawn an
+EOS leaves the batch (its cache rows dropped), so later steps cost what the running rows cost.
+
+The log-probs of the drawn tokens are those of logits / temperature, unfiltered: what a plain forward of prompt +
+completion gives (forward/policy.response_forward) and what PPO/GRPO recompute as old log-probs.
 """
 from __future__ import annotations
 
@@ -15,15 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward.virtual import is_prompt_learning
+from ..forward.policy import prompt_cache
+from ..forward.virtual import cache_argument
 
 
 @dataclass
 class Sampling:
     max_new_tokens: int
-    temperature: float   # 0 = greedy
-    top_k: int           # 0 = off
-    top_p: float         # 1 = off
+    temperature: float        # 0 = greedy
+    top_k: int                # 0 = off
+    top_p: float              # 1 = off
+    eos: tuple[int, ...]      # a row stops at the first of these (none: it runs max_new_tokens)
+    pad: int                  # what follows a row's EOS
+    merge: bool = False       # a LoRA-family adapter merged into the weights while sampling (generation/merge.py)
 
 
 def filtered_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
@@ -41,62 +47,54 @@ def filtered_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, s: Sampling, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sampled tokens (B,), their log-probs under logits / temperature, unfiltered (B,)); greedy at temperature 0
+    """(drawn tokens (N,), their log-probs under logits / temperature, unfiltered (N,)); greedy at temperature 0
     (log-probs then of the raw logits)."""
     logits = logits.float()
     if s.temperature == 0:
         token = logits.argmax(-1)
         return token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
-    token = torch.multinomial(filtered_logits(logits, s).softmax(-1), 1, generator=generator)[:, 0]
+    token = draw(filtered_logits(logits, s).softmax(-1), generator)
     return token, (logits / s.temperature).log_softmax(-1).gather(-1, token[:, None])[:, 0]
 
 
-def prompt_inputs(model, ids: torch.Tensor, attn: torch.Tensor, cache) -> tuple[object, dict, torch.Tensor]:
-    """(module, prefill kwargs, the extended attention mask): the prompt, with a prompt or prefix adapter's virtual
-    tokens (embeddings in front; or their keys and values written into `cache` first)."""
-    if not is_prompt_learning(model) or not model.has_active_enabled_adapter:
-        return (model.get_base_model() if is_prompt_learning(model) else model), {"input_ids": ids}, attn
-    base, config, batch = model.get_base_model(), model.active_peft_config, ids.shape[0]
-    mask = torch.cat([attn.new_ones(batch, config.num_virtual_tokens), attn], 1)
-    if config.peft_type == "PREFIX_TUNING":
-        prefix = model.get_prompt(batch)
-        for layer in range(len(prefix.layers)):
-            cache.update(prefix.layers[layer].keys, prefix.layers[layer].values, layer)
-        return base, {"input_ids": ids}, mask
-    embeds = base.get_input_embeddings()(ids)
-    return base, {"inputs_embeds": torch.cat([model.get_prompt(batch_size=batch).to(embeds.dtype), embeds], 1)}, mask
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row (N, V) -> (N,), drawn with probability probs: the first whose cumulative probability
+    exceeds a uniform draw. One random number per row (torch.multinomial draws one per vocabulary entry, which
+    costs more than the rest of the sampling at a 49k vocabulary on a CPU)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
+    # u rounded up to the total (about 1 in 2^24): the last token may have probability 0; take the likeliest
+    return torch.where(probs.gather(-1, token) > 0, token, probs.argmax(-1, keepdim=True))[:, 0]
 
 
 @torch.no_grad()
-def decode(model, ids: torch.Tensor, attn: torch.Tensor, s: Sampling, eos_id: int, pad_id: int,
+def decode(model, ids: torch.Tensor, attn: torch.Tensor, s: Sampling, group: int = 1,
            generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Continuations of left-padded prompts (ids, attn: (B, P)): (tokens (B, n), log-probs (B, n)), n <= max_new_tokens;
-    after a row's first EOS its tokens are pad_id and its log-probs 0. Stops when every row has its EOS."""
-    from transformers import StaticCache
-
-    batch = ids.shape[0]
-    virtual = model.active_peft_config.num_virtual_tokens if is_prompt_learning(model) and \
-        model.has_active_enabled_adapter else 0
-    cache = StaticCache(config=model.config, max_cache_len=virtual + ids.shape[1] + s.max_new_tokens)
-    module, inputs, mask = prompt_inputs(model, ids, attn, cache)
-    width = mask.shape[1]
-    mask = torch.cat([mask, mask.new_zeros(batch, s.max_new_tokens)], 1)
-    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    prefill_width = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else ids.shape[1]
-    out = module(**inputs, attention_mask=mask[:, :width], position_ids=positions[:, -prefill_width:], cache=cache,
-                 use_cache=True, logits_to_keep=1)
-    position = positions[:, -1]
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    tokens, logps = [], []
-    for t in range(s.max_new_tokens):
-        token, logp = next_tokens(out.logits[:, -1], s, generator)
-        tokens.append(token.masked_fill(done, pad_id))
-        logps.append(logp.masked_fill(done, 0.0))
-        done = done | (token == eos_id)
-        if t == s.max_new_tokens - 1 or bool(done.all()):
+    """Continuations of B left-padded prompts (ids, attn: (B, P)), `group` of each: (tokens (B x group, n), their
+    log-probs (B x group, n)), prompt b's in rows b*group .. b*group + group-1; n <= s.max_new_tokens (the steps
+    taken). After a row's EOS its tokens are s.pad and its log-probs 0; the loop ends when every row has one."""
+    module, cache, mask, logits = prompt_cache(model, ids, attn, last=True)
+    if group > 1:
+        cache.batch_repeat_interleave(group)
+        mask, logits = mask.repeat_interleave(group, 0), logits.repeat_interleave(group, 0)
+    key = cache_argument(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    n, steps, device = logits.shape[0], s.max_new_tokens, ids.device
+    eos = torch.tensor(s.eos or (-1,), device=device)
+    tokens = torch.full((n, steps), s.pad, device=device)
+    logps = torch.zeros(n, steps, device=device)
+    rows, t = torch.arange(n, device=device), 0
+    for t in range(steps):
+        drawn, logp = next_tokens(logits, s, generator)
+        tokens[rows, t], logps[rows, t] = drawn, logp
+        running = ~torch.isin(drawn, eos)
+        if t == steps - 1 or not running.any():
             break
-        mask[:, width + t] = 1
-        position = position + 1
-        out = module(input_ids=tokens[-1][:, None], attention_mask=mask[:, :width + t + 1],
-                     position_ids=position[:, None], cache=cache, use_cache=True)
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+        if not running.all():  # finished rows leave: the cache keeps the others'
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, drawn, mask = rows[keep], drawn[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        logits = module(input_ids=drawn[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                        use_cache=True, **{key: cache}).logits[:, -1]
+    return tokens[:, :t + 1], logps[:, :t + 1]
