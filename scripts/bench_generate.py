@@ -14,6 +14,11 @@ transformers' generate (the unmerged peft model), alignkit's decoder (generation
 unmerged and merged for sampling (generation/merge.py, as method.merge_for_generation=true does), taking turns
 within each repeat after one untimed round; tokens/s from each one's fastest repeat (the least disturbed on
 shared cores). --quick: one timed repeat, for a check that the script runs end to end.
+
+"matmuls" is a second, tighter ceiling measured in the same child: batch / the seconds that one step's weight
+matmuls alone take with this machine's kernels (F.linear at that batch over every weight). On a CPU a batch-8
+step's skinny fp32 GEMMs stream the weights well below the copy bandwidth, and bf16 ones far below (no bf16
+instructions on AVX2): the gap between the two ceilings is the kernels', the gap below "matmuls" the decoder's.
 """
 from __future__ import annotations
 
@@ -45,19 +50,36 @@ def copy_bandwidth(repeats: int = 5, size: int = 256 << 20) -> float:
     return 2 * size / best
 
 
+def matmul_seconds(model, batch: int, repeats: int = 3) -> float:
+    """Seconds one decoding step's weight matmuls take at this batch with this machine's kernels (F.linear of a
+    (batch, in) input with every 2-D weight of the base model, the tied head once), best of `repeats`."""
+    import torch.nn.functional as F
+
+    weights = [p for p in model.get_base_model().parameters() if p.dim() == 2]
+    inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for x, w in zip(inputs, weights):
+                F.linear(x, w)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
 def policy(model_dir: str, dtype: torch.dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read once per step
+    weights = sum(p.numel() for p in model.parameters())  # each read once per step
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir), weight_bytes
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir), weights
 
 
 def child(args) -> dict:
@@ -69,7 +91,7 @@ def child(args) -> dict:
     from alignkit.generation.sample import left_pad, prompt_ids
 
     dtype = torch.float32 if args.precision[0] == "fp32" else torch.bfloat16
-    model, tokenizer, weight_bytes = policy(args.model, dtype)
+    model, tokenizer, weights = policy(args.model, dtype)
     batch, n = args.batch[0], args.new_tokens
     ids, attn = left_pad([prompt_ids(tokenizer, " ".join(WORDS[: 6 + (i * 5) % 10])) for i in range(batch)],
                          tokenizer.pad_token_id, "cpu")
@@ -83,7 +105,7 @@ def child(args) -> dict:
 
     runs = {ROWS[0]: lambda: model.generate(input_ids=ids, attention_mask=attn, generation_config=gen),
             ROWS[1]: lambda: decode(model, ids, attn, s), ROWS[2]: merged_decode}
-    bandwidth = copy_bandwidth()
+    bandwidth, matmuls = copy_bandwidth(), matmul_seconds(model, batch)
     best = {name: float("inf") for name in runs}
     with torch.no_grad():
         for repeat in range(args.repeats + 1):  # round 0: untimed warm-up
@@ -92,7 +114,8 @@ def child(args) -> dict:
                 fn()
                 if repeat:
                     best[name] = min(best[name], time.perf_counter() - started)
-    return {"seconds": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes, "threads": torch.get_num_threads()}
+    return {"seconds": best, "bandwidth": bandwidth, "matmul_s": matmuls, "weights": weights,
+            "weight_bytes": weights * dtype.itemsize, "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -123,21 +146,26 @@ def main() -> int:
                    *(["--threads", str(args.threads)] if args.threads else [])]
             r = bc.run_child(cmd)
             ceiling = batch * r["bandwidth"] / r["weight_bytes"]
+            roofline = batch / r["matmul_s"]  # the step's matmuls alone, nothing else
             generate = batch * args.new_tokens / r["seconds"][ROWS[0]]
             for name in ROWS:
                 rate = batch * args.new_tokens / r["seconds"][name]
                 report["runs"].append({"precision": precision, "batch": batch, "what": name, "tokens_per_s": rate,
                                        "of_ceiling": rate / ceiling, "vs_generate": rate / generate,
                                        "ceiling_tokens_per_s": ceiling, "copy_bandwidth_gb_s": r["bandwidth"] / 1e9,
+                                       "matmuls_only_tokens_per_s": roofline, "of_matmuls_only": rate / roofline,
                                        "weight_gb": r["weight_bytes"] / 1e9, "threads": r["threads"],
                                        "child_peak_rss_mb": r["peak_rss_mb"]})
-                table.append((f"batch {batch:>3}  {name}", [bc.fmt(rate, 1), f"{rate / ceiling:.1%}",
-                                                            f"{rate / generate:.2f}x", bc.fmt(ceiling, 0)]))
+                table.append((f"batch {batch:>3}  {name}", [bc.fmt(rate, 1), f"{rate / generate:.2f}x",
+                                                            f"{rate / ceiling:.1%}", bc.fmt(ceiling, 0),
+                                                            f"{rate / roofline:.1%}", bc.fmt(roofline, 0)]))
             print(f"  ({precision}, batch {batch}: copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s, weights "
-                  f"{r['weight_bytes'] / 1e9:.2f} GB, {r['threads']} threads, child peak RSS "
+                  f"{r['weight_bytes'] / 1e9:.2f} GB, the step's matmuls alone {r['matmul_s'] * 1e3:.1f} ms, "
+                  f"{r['threads']} threads, child peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB)", flush=True)
         bc.print_table(f"{precision}: {args.new_tokens} new tokens, temperature 0.7, LoRA r16 all-linear, best of "
-                       f"{repeats}", table, ["tokens/s", "of ceiling", "vs generate", "ceiling tok/s"])
+                       f"{repeats}", table, ["tokens/s", "vs generate", "of ceiling", "ceiling tok/s", "of matmuls",
+                        "matmuls tok/s"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -111,7 +111,8 @@ def test_merged_sampling_restores_the_weights_bit_for_bit_and_samples_the_same(t
     with merged(run.model, True):
         assert all(layer.merged for layer in tuner_layers) and not mergeable_layers(run.model)
         changed = [k for k, v in run.model.state_dict().items() if not torch.equal(v, before[k])]
-        tokens, logps = decode(run.model, ids, attn, s)
+        with merged(run.model, True):  # nested (GRPO's chunks inside one rollout): merged once
+            tokens, logps = decode(run.model, ids, attn, s)
     assert any("base_layer.weight" in k for k in changed)  # merged: the base weights did change meanwhile
     assert torch.equal(tokens, unmerged)
     torch.testing.assert_close(logps, unmerged_logps, rtol=1e-5, atol=1e-5)

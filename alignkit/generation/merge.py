@@ -35,7 +35,7 @@ def mergeable_layers(model) -> list:
 @contextlib.contextmanager
 def merged(model, enabled: bool):
     """`model` with its LoRA-family adapter merged into copies of the base weights (when enabled and possible);
-    the original weight tensors back in place on exit."""
+    the original weight tensors back in place on exit. Nested inside another merged(): nothing more to do."""
     layers = mergeable_layers(model) if enabled else []
     if not layers:
         yield model

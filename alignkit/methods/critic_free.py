@@ -61,20 +61,22 @@ def prepare(cfg, tokenizer, rows):
 
 def generate(ctx, examples: list) -> list[dict]:
     """G sampled completions per example, in chunks of micro_batch_size completions: one dict each."""
+    from ..generation.merge import merged
     from ..generation.sample import sample_responses, sampling_config
 
     m, tok = ctx.cfg.method, ctx.tokenizer
     per_chunk = max(1, (m.micro_batch_size or len(examples) * m.num_generations) // m.num_generations)
     gen, out = sampling_config(tok, m), []
-    for i in range(0, len(examples), per_chunk):
-        chunk = examples[i:i + per_chunk]
-        ids, _, mask, has_eos = sample_responses(ctx.model, tok, [e["prompt_ids"] for e in chunk], gen, ctx.device,
-                                                 m.num_generations)
-        resp = ids[:, ids.shape[1] - mask.shape[1]:]
-        for j in range(len(chunk) * m.num_generations):
-            e, tokens = chunk[j // m.num_generations], resp[j][mask[j] == 1].tolist()
-            out.append({"prompt": e["prompt_ids"], "response": tokens, "truncated": not bool(has_eos[j]),
-                        "row": e["row"], "text": tok.decode(tokens, skip_special_tokens=True)})
+    with merged(ctx.model, gen.merge):  # once for every chunk
+        for i in range(0, len(examples), per_chunk):
+            chunk = examples[i:i + per_chunk]
+            ids, _, mask, has_eos = sample_responses(ctx.model, tok, [e["prompt_ids"] for e in chunk], gen,
+                                                     ctx.device, m.num_generations)
+            resp = ids[:, ids.shape[1] - mask.shape[1]:]
+            for j in range(len(chunk) * m.num_generations):
+                e, tokens = chunk[j // m.num_generations], resp[j][mask[j] == 1].tolist()
+                out.append({"prompt": e["prompt_ids"], "response": tokens, "truncated": not bool(has_eos[j]),
+                            "row": e["row"], "text": tok.decode(tokens, skip_special_tokens=True)})
     return out
 
 
