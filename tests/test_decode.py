@@ -135,3 +135,27 @@ def test_sampling_settings_from_a_config_section(tiny_tokenizer):
     s = generation_config(tiny_tokenizer, 5, 0.0, top_k=7, top_p=0.5, merge=True)
     assert (s.top_k, s.top_p, s.merge, s.pad) == (0, 1.0, True, tiny_tokenizer.pad_token_id)  # greedy: no filters
     assert s.eos == (tiny_tokenizer.eos_token_id,)
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_merging_for_sampling_changes_no_number_of_a_run(tmp_path, method):
+    from pathlib import Path
+
+    from alignkit.train import execute
+
+    from conftest import metrics
+
+    functions = Path(__file__).parent / "rewards.py"
+    reward = ("reward=gold",) if method == "ppo" else ("reward=functions", f"reward.functions=[{functions}:letters]")
+    lines = []
+    for merge in (False, True):
+        run = prepare_run(tiny_cfg(tmp_path / str(merge), f"method={method}", "adapter=lora", *reward,
+                                   "method.max_new_tokens=5", "train.max_steps=3", "data.eval_fraction=0",
+                                   "train.lr=0.05", f"method.merge_for_generation={merge}"))
+        execute(run)
+        lines.append(metrics(tmp_path / str(merge) / "run"))
+    assert len(lines[0]) == 3
+    for unmerged, merged_line in zip(*lines):  # the same samples, and the update on the same (restored) weights
+        for key, value in unmerged.items():
+            if isinstance(value, float) and not any(w in key for w in ("time", "per_s", "rss", "elapsed")):
+                assert merged_line[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
