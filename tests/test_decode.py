@@ -83,6 +83,12 @@ def test_draws_follow_their_probabilities_and_never_take_a_filtered_token():
         torch.testing.assert_close(freq, probs[row], rtol=0, atol=0.015)  # ~4 binomial std at 20k draws
 
 
+def test_a_draw_rounded_up_to_the_total_takes_the_last_possible_token(monkeypatch):
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]).float()
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(shape))  # u = rand x total = the total
+    assert draw(probs).tolist() == [1, 3]  # never a filtered token, never past the vocabulary
+
+
 def test_rows_stop_at_their_eos_and_the_loop_ends_when_all_have():
     from alignkit.models.tiny import build_tiny_model
 

@@ -62,10 +62,12 @@ def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     exceeds a uniform draw. One random number per row (torch.multinomial draws one per vocabulary entry, which
     costs more than the rest of the sampling at a 49k vocabulary on a CPU)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1)
-    # u rounded up to the total (about 1 in 2^24): the last token may have probability 0; take the likeliest
-    return torch.where(probs.gather(-1, token) > 0, token, probs.argmax(-1, keepdim=True))[:, 0]
+    total = cdf[:, -1:]
+    # u < total strictly (rand * total can round up to it): the token found has cdf > u >= the cdf before it,
+    # so a probability > 0 (filtered tokens, whose cdf equals their predecessor's, are never drawn)
+    u = (torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * total).minimum(
+        torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 @torch.no_grad()
