@@ -106,12 +106,15 @@ def test_rows_stop_at_their_eos_and_the_loop_ends_when_all_have():
         assert (tokens[row, stop + 1:] == 0).all() and (logps[row, stop + 1:] == 0).all()
 
 
-def test_merged_sampling_restores_the_weights_bit_for_bit_and_samples_the_same(tmp_path):
-    run, prompts, ids, attn = tiny_policy(tmp_path, "lora")
+@pytest.mark.parametrize("adapter", ["lora", "dora", "loha"])
+def test_merged_sampling_restores_the_weights_bit_for_bit_and_samples_the_same(tmp_path, adapter):
+    run, prompts, ids, attn = tiny_policy(tmp_path, adapter)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     pointers = {k: v.data_ptr() for k, v in run.model.state_dict().items()}
     assert mergeable_layers(run.model)
     tuner_layers = mergeable_layers(run.model)
+    assert bool(mergeable_layers(run.model, None)) == (adapter == "dora")  # null (auto): DoRA only
+    assert mergeable_layers(run.model, False) == []
     s = Sampling(6, 0.0, 0, 1.0, eos=(), pad=run.tokenizer.pad_token_id)
     unmerged, unmerged_logps = decode(run.model, ids, attn, s)
     with merged(run.model, True):
@@ -129,8 +132,8 @@ def test_merged_sampling_restores_the_weights_bit_for_bit_and_samples_the_same(t
         assert mergeable_layers(run.model) == []
 
 
-@pytest.mark.parametrize("adapter", ["prompt", "qlora", "dora"])
-def test_prompt_learning_quantised_and_dora_adapters_are_not_merged(tmp_path, adapter):
+@pytest.mark.parametrize("adapter", ["prompt", "qlora"])
+def test_prompt_learning_and_quantised_adapters_are_not_merged(tmp_path, adapter):
     run = prepare_run(tiny_cfg(tmp_path, "method=sft", f"adapter={adapter}"))
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     with merged(run.model, True):  # nothing merged: the weights as they were
@@ -143,8 +146,8 @@ def test_sampling_settings_from_a_config_section(tiny_tokenizer):
     assert s.eos == (tiny_tokenizer.eos_token_id,)
 
 
-@pytest.mark.parametrize("method", ["ppo", "grpo"])
-def test_merging_for_sampling_changes_no_number_of_a_run(tmp_path, method):
+@pytest.mark.parametrize("method,adapter", [("ppo", "lora"), ("grpo", "lora"), ("grpo", "dora")])
+def test_merging_for_sampling_changes_no_number_of_a_run(tmp_path, method, adapter):
     from pathlib import Path
 
     from alignkit.train import execute
@@ -154,8 +157,8 @@ def test_merging_for_sampling_changes_no_number_of_a_run(tmp_path, method):
     functions = Path(__file__).parent / "rewards.py"
     reward = ("reward=gold",) if method == "ppo" else ("reward=functions", f"reward.functions=[{functions}:letters]")
     lines = []
-    for merge in (False, True):
-        run = prepare_run(tiny_cfg(tmp_path / str(merge), f"method={method}", "adapter=lora", *reward,
+    for merge in ("false", "null" if adapter == "dora" else "true"):  # null: DoRA merged, LoRA not
+        run = prepare_run(tiny_cfg(tmp_path / str(merge), f"method={method}", f"adapter={adapter}", *reward,
                                    "method.max_new_tokens=5", "train.max_steps=3", "data.eval_fraction=0",
                                    "train.lr=0.05", f"method.merge_for_generation={merge}"))
         execute(run)

@@ -130,7 +130,7 @@ class SamplingConfig:
     temperature: float = MISSING
     top_k: int = MISSING
     top_p: float = MISSING
-    merge_for_generation: bool = MISSING
+    merge_for_generation: Optional[bool] = MISSING  # null = DoRA only (generation/merge.py)
 
 
 @dataclass

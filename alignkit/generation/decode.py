@@ -29,7 +29,7 @@ class Sampling:
     top_p: float              # 1 = off
     eos: tuple[int, ...]      # a row stops at the first of these (none: it runs max_new_tokens)
     pad: int                  # what follows a row's EOS
-    merge: bool = False       # a LoRA-family adapter merged into the weights while sampling (generation/merge.py)
+    merge: bool | None = False  # LoRA-family adapter merged while sampling: true, false, null = DoRA only (merge.py)
 
 
 def filtered_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:

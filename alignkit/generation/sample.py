@@ -16,9 +16,9 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def generation_config(tokenizer, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                      merge: bool = False) -> Sampling:
+                      merge: bool | None = False) -> Sampling:
     """The decoder's settings: greedy when temperature is 0 (no filters then); stops at the tokenizer's EOS.
-    merge: a LoRA-family adapter merged into the weights while decoding (generation/merge.py)."""
+    merge: a LoRA-family adapter merged into the weights while decoding (true; null: DoRA only; merge.py)."""
     sampled = temperature > 0
     eos = tokenizer.eos_token_id
     return Sampling(max_new_tokens, temperature, top_k if sampled else 0, top_p if sampled else 1.0,
