@@ -77,3 +77,27 @@ def alignkit(*args, cwd=None):
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_generate(model, ids, attn, s, **options):
+    """transformers' generate on left-padded prompts with the decoder's settings (generation.decode.Sampling):
+    the reference the decoder is checked against. Returns (new tokens (B, n), generate's output)."""
+    from transformers import GenerationConfig
+
+    from alignkit.forward.virtual import virtual_token_inputs
+
+    sampled = s.temperature > 0
+    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=sampled,
+                           temperature=s.temperature if sampled else None, top_k=s.top_k if sampled else None,
+                           top_p=s.top_p if sampled else None, pad_token_id=s.pad, eos_token_id=list(s.eos) or None,
+                           use_cache=True, return_dict_in_generate=True, **options)
+    module, inputs, _ = virtual_token_inputs(model, ids, attn)
+    with torch_no_grad():
+        out = module.generate(**inputs, generation_config=gen)
+    return (out.sequences[:, ids.shape[1]:] if "input_ids" in inputs else out.sequences), out  # embeds: new only
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()

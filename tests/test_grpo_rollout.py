@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from alignkit.forward.policy import completions_logps, response_forward
-from alignkit.forward.virtual import virtual_token_inputs
-from alignkit.generation.group import sample_groups
-from alignkit.generation.sample import generation_config, left_pad, new_tokens, response_mask
+from alignkit.generation.sample import generation_config, left_pad, response_mask, sample_responses
 from alignkit.methods import critic_free
 from alignkit.scoring.functions import functions_reward
 from alignkit.train import execute, prepare_run
 
-from conftest import metrics, patch_method, tiny_cfg
+from conftest import hf_generate, metrics, patch_method, tiny_cfg
 from grpo_fixed import fixed_completions
 
 REWARDS = Path(__file__).parent / "rewards.py"
@@ -39,18 +37,18 @@ def test_a_group_shares_one_prompt_prefill_and_samples_as_separate_prefills_do(t
     model, tok, group = run.model, run.tokenizer, 3
     padded, pad_mask = left_pad(prompts, tok.pad_token_id, run.device)
     greedy = generation_config(tok, 6, 0.0, 0, 1.0)
-    greedy.eos_token_id = None
-    separate = new_tokens(model, padded.repeat_interleave(group, 0), pad_mask.repeat_interleave(group, 0), greedy)
-    greedy.eos_token_id = int(separate[0, 2])  # a token some rows emit early: those stop there
-    expected_mask = response_mask(separate, greedy.eos_token_id)[0]
+    greedy.eos = ()
+    separate, _ = hf_generate(model, padded.repeat_interleave(group, 0), pad_mask.repeat_interleave(group, 0), greedy)
+    greedy.eos = (int(separate[0, 2]),)  # a token some rows emit early: those stop there
+    expected_mask = response_mask(separate, greedy.eos)[0]
     embedded = []  # (rows, tokens) of every forward's token embedding
     hook = model.get_base_model().get_input_embeddings().register_forward_hook(
         lambda m, args, out: embedded.append(tuple(args[0].shape)))
-    ids, attn, mask, has_eos = sample_groups(model, tok, prompts, group, greedy, run.device)
+    ids, attn, mask, has_eos = sample_responses(model, tok, prompts, greedy, run.device, group)
     hook.remove()
     # the 3 prompts once (not 3 x 3 times), then one token per running row and step; stopped rows are not run on
     assert embedded[0] == (3, max(map(len, prompts))) and all(s[1] == 1 for s in embedded[1:])
-    running = expected_mask * (separate != greedy.eos_token_id)  # rows still going after each step's token
+    running = expected_mask * (separate != greedy.eos[0])  # rows still going after each step's token
     assert [s[0] for s in embedded[1:]] == running.sum(0)[:len(embedded) - 1].tolist()
     assert torch.equal(ids[:, -mask.shape[1]:], separate[:, :mask.shape[1]].masked_fill(
         expected_mask[:, :mask.shape[1]] == 0, tok.pad_token_id))
@@ -58,15 +56,14 @@ def test_a_group_shares_one_prompt_prefill_and_samples_as_separate_prefills_do(t
 
     torch.manual_seed(0)
     sampled = generation_config(tok, 5, 0.7, 0, 1.0)
-    ids, attn, mask, _, drawn = sample_groups(model, tok, prompts, group, sampled, run.device, logps=True)
+    ids, attn, mask, _, drawn = sample_responses(model, tok, prompts, sampled, run.device, group, logps=True)
     with torch.no_grad():
         # every token is drawn from logits / temperature given the tokens before it: what a plain forward of
         # prompt + completion gives; the first one from the distribution G separate prefills give
         plain = response_forward(model, ids, attn, mask.shape[1], temperature=0.7)[0]
-        module, inputs, _ = virtual_token_inputs(model, padded.repeat_interleave(group, 0),
-                                                 pad_mask.repeat_interleave(group, 0))
-        first = module.generate(**inputs, generation_config=sampled, output_scores=True,
-                                return_dict_in_generate=True, max_new_tokens=1).scores[0]
+        sampled.max_new_tokens = 1
+        first = hf_generate(model, padded.repeat_interleave(group, 0), pad_mask.repeat_interleave(group, 0), sampled,
+                            output_scores=True)[1].scores[0]
     torch.testing.assert_close(drawn, plain * mask, rtol=1e-4, atol=1e-4)
     first_logp = torch.log_softmax(first.float(), -1).gather(-1, ids[:, -mask.shape[1]:][:, :1]).squeeze(1)
     torch.testing.assert_close(drawn[:, 0], first_logp, rtol=1e-4, atol=1e-4)

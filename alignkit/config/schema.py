@@ -130,6 +130,7 @@ class SamplingConfig:
     temperature: float = MISSING
     top_k: int = MISSING
     top_p: float = MISSING
+    merge_for_generation: Optional[bool] = MISSING  # null = DoRA only (generation/merge.py)
 
 
 @dataclass

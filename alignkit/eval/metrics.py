@@ -98,7 +98,8 @@ def kl_metrics(model, tokenizer, cfg, rows) -> dict:
     if method_record(cfg.method.name).head == "score" or not prompts or not hasattr(model, "disable_adapter"):
         return {}
     device, temperature = next(model.parameters()).device, cfg.eval.kl_temperature
-    gen = generation_config(tokenizer, cfg.sample.max_new_tokens, temperature, top_k=0, top_p=1.0)  # the policy
+    gen = generation_config(tokenizer, cfg.sample.max_new_tokens, temperature, top_k=0, top_p=1.0,  # the policy
+                            merge=cfg.sample.merge_for_generation)
     torch.manual_seed(cfg.train.seed)
     total = 0.0
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """What GRPO and RLOO share: the group rollout (dynamic sampling included), the step's update, the checks.
 
-rollout: this process's prompts, each sampled method.num_generations times (generation/group.py: one prefill per
+rollout: this process's prompts, each sampled method.num_generations times (generation/decode.py: one prefill per
 group), in chunks of method.micro_batch_size completions; decoded and scored (reward.*). With
 method.dynamic_sampling, groups whose rewards all agree (no gradient) are dropped and more prompts drawn (a
 function of the seed, step, process and draw, so a resumed run draws the same) until the batch is full or
@@ -61,21 +61,22 @@ def prepare(cfg, tokenizer, rows):
 
 def generate(ctx, examples: list) -> list[dict]:
     """G sampled completions per example, in chunks of micro_batch_size completions: one dict each."""
-    from ..generation.group import sample_groups
-    from ..generation.sample import sampling_config
+    from ..generation.merge import merged
+    from ..generation.sample import sample_responses, sampling_config
 
     m, tok = ctx.cfg.method, ctx.tokenizer
     per_chunk = max(1, (m.micro_batch_size or len(examples) * m.num_generations) // m.num_generations)
     gen, out = sampling_config(tok, m), []
-    for i in range(0, len(examples), per_chunk):
-        chunk = examples[i:i + per_chunk]
-        ids, _, mask, has_eos = sample_groups(ctx.model, tok, [e["prompt_ids"] for e in chunk], m.num_generations,
-                                              gen, ctx.device)
-        resp = ids[:, ids.shape[1] - mask.shape[1]:]
-        for j in range(len(chunk) * m.num_generations):
-            e, tokens = chunk[j // m.num_generations], resp[j][mask[j] == 1].tolist()
-            out.append({"prompt": e["prompt_ids"], "response": tokens, "truncated": not bool(has_eos[j]),
-                        "row": e["row"], "text": tok.decode(tokens, skip_special_tokens=True)})
+    with merged(ctx.model, gen.merge):  # once for every chunk
+        for i in range(0, len(examples), per_chunk):
+            chunk = examples[i:i + per_chunk]
+            ids, _, mask, has_eos = sample_responses(ctx.model, tok, [e["prompt_ids"] for e in chunk], gen,
+                                                     ctx.device, m.num_generations)
+            resp = ids[:, ids.shape[1] - mask.shape[1]:]
+            for j in range(len(chunk) * m.num_generations):
+                e, tokens = chunk[j // m.num_generations], resp[j][mask[j] == 1].tolist()
+                out.append({"prompt": e["prompt_ids"], "response": tokens, "truncated": not bool(has_eos[j]),
+                            "row": e["row"], "text": tok.decode(tokens, skip_special_tokens=True)})
     return out
 
 
