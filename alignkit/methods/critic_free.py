@@ -122,12 +122,18 @@ def rollout(ctx, examples: list) -> dict:
     import torch
 
     m, group = ctx.cfg.method, ctx.cfg.method.num_generations
-    started = time.perf_counter()
-    completions = generate(ctx, examples)
-    gen_seconds = time.perf_counter() - started
+    spent = {"seconds": 0.0, "tokens": 0}  # every draw's sampling, for gen_tokens_per_s
+
+    def draw(batch: list) -> list[dict]:
+        started = time.perf_counter()
+        out = generate(ctx, batch)
+        spent["seconds"] += time.perf_counter() - started
+        spent["tokens"] += sum(len(c["response"]) for c in out)
+        return out
+
+    completions = draw(examples)
     names, columns = score(ctx, completions)
     first = {"completions": completions, "columns": columns}  # the step's own prompts: what the metrics show
-    generated = sum(len(c["response"]) for c in completions)  # every draw's tokens, for gen_tokens_per_s
     dropped = draws = 0
     if m.dynamic_sampling:
         kept, kept_columns = [], []
@@ -142,16 +148,13 @@ def rollout(ctx, examples: list) -> dict:
             if missing == 0 or draws == m.max_resamples:
                 break
             draws += 1
-            t0 = time.perf_counter()
-            completions = generate(ctx, extra_prompts(ctx, missing, draws))
-            gen_seconds += time.perf_counter() - t0
-            generated += sum(len(c["response"]) for c in completions)
+            completions = draw(extra_prompts(ctx, missing, draws))
             columns = score(ctx, completions)[1]
         if kept:  # else no group had a gradient: keep the step's own (the step changes nothing but the moments)
             completions, columns = kept, torch.cat(kept_columns)
         else:
             completions, columns = first["completions"], first["columns"]
-    metrics = {"gen_tokens_per_s": generated / max(gen_seconds, 1e-9), "time/generation": gen_seconds}
+    metrics = {"gen_tokens_per_s": spent["tokens"] / max(spent["seconds"], 1e-9), "time/generation": spent["seconds"]}
     if m.dynamic_sampling:
         metrics.update({"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/draws": float(draws),
                         "dynamic_sampling/kept_groups": float(len(completions) // group)})
