@@ -138,6 +138,9 @@ def _train(args: list[str]) -> int:
     unknown = [a for a in overrides if a.startswith("-")]
     if unknown:
         raise UsageError(f"unknown option {unknown[0]} (see alignkit --help)")
+    from .session import startup
+
+    startup.begin()
     check_overrides(overrides, multirun)
     jobs = expand_sweeps(overrides) if multirun else [overrides]
     # compose and validate every job before running any, so a bad value fails fast
@@ -169,15 +172,21 @@ def _train(args: list[str]) -> int:
     for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
         if multirun and _is_main():
             print(f"[job {i}] {' '.join(job)}", file=sys.stderr)
+        if i:
+            startup.begin()
+        startup.mark("config")
         rows = preflight(cfg)  # run dir and data checks fail before the training code is even imported
+        startup.mark("read_data")
         from .train import run_train
 
+        startup.mark("import")
         try:
             run_train(cfg, rows)
         except Interrupted as exc:
             if _is_main():
                 print(_resume_hint(exc, job), file=sys.stderr)
             return 130
+        startup.end()
     if several:
         dist.teardown()
     return 0

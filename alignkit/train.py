@@ -27,7 +27,7 @@ from .methods.record import Method, Online
 from .models.load import disable_dropout, load_base_model, resolve_model_dir
 from .runs.read import base_model_cfg
 from .runs.reward import make_reward, reward_run
-from .session import dist
+from .session import dist, startup
 from .session.batches import model_input_batches, plan_steps, seed_everything
 from .session.checkpoint import save_final
 from .session.events import require_tensorboard, write_events
@@ -80,6 +80,7 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     sharded = cfg.train.strategy.value == "fsdp" and dist.distributed()
     model, tokenizer, model_dir = load_base_model(base_model_cfg(cfg), device, head,
                                                   **base_load_options(cfg.adapter, device, sharded))
+    startup.mark("model_load")
     if method.online and cfg.reward.kind.value == "model":
         reward_run(cfg, tokenizer)  # a wrong reward.run fails now, before anything is written
     functions = method.online and cfg.reward.kind.value == "functions"  # an import that fails, fails now too
@@ -89,6 +90,7 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
     train_examples, eval_examples = split_items(examples, held, place=lambda i, e: e["source"])
     if method.check_data is not None:
         method.check_data(cfg, train_examples)
+    startup.mark("tokenise")
     if cfg.train.disable_dropout:
         disable_dropout(model)
     seed_everything(cfg.train.seed)  # adapter init must not depend on what loading consumed
@@ -99,6 +101,7 @@ def prepare_run(cfg: DictConfig, rows: list | None = None) -> Run:
                                               cfg.train))
     if method.head == "lm+value":
         add_value_head(model, device)
+    startup.mark("adapter")
     return Run(cfg, method, Path(cfg.run.dir), device, model, tokenizer, model_dir, train_examples, eval_examples,
                collate, partial(method.step, method=cfg.method), record(rows, held, cfg.data.eval_fraction,
                                                                         cfg.train.seed), reward_fn)
@@ -141,7 +144,7 @@ def _execute(run: Run, started: float) -> dict:
     summary = {**final, "trainable_params": trainable, "total_params": total_params, "device": run.device.type,
                "processes": dist.world(), "strategy": cfg.train.strategy.value if dist.distributed() else None,
                "base_model": run.model_dir, "wall_seconds": time.perf_counter() - started,
-               "run_dir": str(run_dir)}
+               "run_dir": str(run_dir), "startup": startup.record()}
     if dist.is_main():
         if cfg.run.tensorboard:
             write_events(run_dir)
@@ -178,9 +181,18 @@ def save_result(run: Run) -> dict:
     return {}
 
 
+def startup_line(record: dict) -> str:
+    """'12.3 (config 1.1, read_data 0.1, ...)': seconds to the first step and what they were spent on."""
+    parts = ", ".join(f"{p} {record[f'{p}_s']:.1f}" for p in startup.PHASES[:-1] if f"{p}_s" in record)
+    return f"{record['to_first_step_s']:.1f} ({parts})"
+
+
 def run_train(cfg: DictConfig, rows: list | None = None) -> dict:
     started = time.perf_counter()
     summary = execute(prepare_run(cfg, rows), started)
     if dist.is_main():
-        print_table(f"run: {summary['run_dir']}", {k: v for k, v in summary.items() if k != "run_dir"})
+        shown = {k: v for k, v in summary.items() if k not in ("run_dir", "startup")}
+        if "to_first_step_s" in summary["startup"]:
+            shown["to_first_step_s"] = startup_line(summary["startup"])
+        print_table(f"run: {summary['run_dir']}", shown)
     return summary

@@ -68,10 +68,13 @@ def common_args(ap) -> None:
                     help="activation checkpointing settings to run (both tools)")
     ap.add_argument("--skip-trl", action="store_true", help="alignkit only (e.g. to compare levers)")
     ap.add_argument("--extra", action="append", default=[], help="extra alignkit override (repeatable)")
+    ap.add_argument("--first-step-rows", type=int, default=1000,
+                    help="time to the first step on this many rows (fp32, one step each side; 0: skip)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--max-steps", type=int, default=-1, help=argparse.SUPPRESS)
 
 
 def dispatch(ap, alignkit_child, trl_child):
@@ -101,7 +104,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
     """Run one side; return its last stdout JSON line plus peak_rss_mb (of this child alone) and wall_s."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
+        launched, t0 = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)  # reaps it: ru_maxrss of this child only
         wall = time.perf_counter() - t0
@@ -111,7 +114,7 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    result.update(wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1), launched=launched)
     return result
 
 
@@ -178,7 +181,7 @@ def child_cmd(args, script: str, side: str, precision: str, data: Path, run_dir:
     """argv of one side's child: the benchmark script itself with --child, and its own options (args.own)."""
     return [sys.executable, script, "--child", side, "--precision", precision, "--ckpt", ckpt, "--data", str(data),
             "--run-dir", str(run_dir), "--model", args.model, "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--lr", str(args.lr), *args.own,
+            "--max-length", str(args.max_length), "--lr", str(args.lr), "--max-steps", str(args.max_steps), *args.own,
             *[f"--extra={e}" for e in args.extra]]
 
 
@@ -228,11 +231,41 @@ def compare(args, script: str, unit: str, flops_of, step1_keys, rtol: float = 1e
                 print(f"alignkit ckpt={r['ckpt']} vs TRL ({precision}): {r['speedup_vs_trl']:.2f}x the faster TRL "
                       f"{unit}/s, {r['rss_vs_trl']:.2f}x the lower TRL peak RSS, step-1 max rel. diff "
                       f"{r['step1_max_rel_diff']:.1e}")
+        if args.first_step_rows:
+            report["first_step"] = first_step(args, script, unit, tok, Path(tmp))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if void:
         print(f"fp32 step-1 numbers differ by more than {rtol}: the comparison is void", file=sys.stderr)
     return 1 if void else 0
+
+
+def first_step(args, script: str, unit: str, tok, tmp: Path) -> list[dict]:
+    """Time to the first optimizer step on args.first_step_rows rows, each side from its process's launch:
+    imports, config, model load, tokenising every row, adapter, the loop's setup; then the first step itself.
+    fp32, activation checkpointing on (TRL's default), one step. Prints a table; returns the runs."""
+    n = args.first_step_rows
+    rows = (pair_rows if unit == "pairs" else sft_rows)(n, 1, tok, args.max_length)
+    data = write_jsonl(rows, tmp / "first-step.jsonl")
+    runs = []
+    for side in ("alignkit",) + (() if args.skip_trl else ("trl",)):
+        saved, args.max_steps = args.max_steps, 1
+        r = run_child(child_cmd(args, script, side, "fp32", data, tmp / f"first-{side}", "on"))
+        args.max_steps = saved
+        at = {k: v - r["launched"] for k, v in r["marks"].items() if k != "start"}
+        phases, before = {}, 0.0
+        for name, t in sorted(at.items(), key=lambda kv: kv[1]):
+            phases[name], before = t - before, t
+        runs.append({"side": side, "to_first_step_s": at["setup"], "first_step_s": phases.get("first_step"),
+                     "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "phases_s": phases})
+    print_table(f"time to the first step: {n} {unit}, fp32, from process launch to the loop's first step",
+                [(r["side"], [fmt(r["to_first_step_s"], 1), fmt(r["first_step_s"], 1), fmt(r["wall_s"], 1),
+                              ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items() if k != "first_step")])
+                 for r in runs], ["to first step s", "first step s", "process s", "made of (s)"])
+    if len(runs) == 2:
+        print(f"alignkit vs TRL: {ratio(runs[0]['to_first_step_s'], runs[1]['to_first_step_s']):.2f}x TRL's time "
+              f"to the first step")
+    return runs
 
 
 def run_alignkit(args, *overrides: str) -> tuple[list[dict], dict]:
@@ -243,7 +276,7 @@ def run_alignkit(args, *overrides: str) -> tuple[list[dict], dict]:
     code = cli_main(["train", "adapter=lora", f"model.path={args.model}", "model.dtype=float32",
                      f"train.precision={args.precision}", f"data.path={args.data}", "data.eval_fraction=0",
                      f"data.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
-                     "train.max_steps=-1", "train.epochs=1", "train.warmup_ratio=0", "train.schedule=linear",
+                     f"train.max_steps={args.max_steps}", "train.epochs=1", "train.warmup_ratio=0", "train.schedule=linear",
                      "train.shuffle=false", f"train.lr={args.lr}", "adapter.r=16", "adapter.alpha=32",
                      "adapter.dropout=0.0", f"train.gradient_checkpointing={args.ckpt[0] == 'on'}",
                      f"run.dir={run_dir}", *overrides, *args.extra])
@@ -255,25 +288,38 @@ def run_alignkit(args, *overrides: str) -> tuple[list[dict], dict]:
 
 def run_trl(args, trainer_cls, config_cls, **settings) -> tuple[object, dict]:
     """One TRL training run (its config class with `settings` on top of the shared ones), LoRA as alignkit's:
-    (trainer, {train_s, peak_cuda_mb})."""
+    (trainer, {train_s, peak_cuda_mb, marks}). marks: wall-clock times at which its startup phases ended
+    (imports, model load, tokenise = the trainer's construction, setup = on_train_begin, the first step)."""
     import datasets
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    marks = {"import": time.time()}
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            marks.setdefault("setup", time.time())
+
+        def on_step_end(self, *a, **k):
+            marks.setdefault("first_step", time.time())
 
     cuda = torch.cuda.is_available()
     rows = [json.loads(x) for x in Path(args.data).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    marks["model_load"] = time.time()
     config = config_cls(
         output_dir=args.run_dir, bf16=args.precision == "bf16", fp16=False, use_cpu=not cuda,
         gradient_checkpointing=args.ckpt[0] == "on", per_device_train_batch_size=args.batch_size,
         num_train_epochs=1, learning_rate=args.lr, max_length=args.max_length, lr_scheduler_type="linear",
         warmup_steps=0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, seed=42, **settings)
+        disable_tqdm=True, dataloader_num_workers=0, seed=42, max_steps=args.max_steps, **settings)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trainer_cls(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora)
+                          processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora,
+                          callbacks=[Marks()])
+    marks["tokenise"] = time.time()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     out = trainer.train()
-    return trainer, {"train_s": out.metrics["train_runtime"],
+    return trainer, {"train_s": out.metrics["train_runtime"], "marks": marks,
                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}

@@ -2,24 +2,38 @@
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
 
+from alignkit.session.startup import PHASES
 from conftest import TINY, alignkit, compose, metrics
 
 
 def test_train_dpo_lora_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
+    launched = time.time()
     done = alignkit("train", "method=dpo", "adapter=lora", *TINY, f"run.dir={run_dir}")
+    finished = time.time()
     assert done.returncode == 0, done.stderr
     assert str(run_dir) in done.stderr
     assert (run_dir / "config.yaml").exists()
     assert (run_dir / "final" / "adapter_config.json").exists()
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    # the time to the first step, phase by phase, from the process's own start (to /proc's 10 ms)
+    startup = json.loads((run_dir / "summary.json").read_text())["startup"]
+    marks = startup["marks"]
+    assert launched - 0.02 <= marks["start"] <= marks["config"] and marks["first_step"] <= finished
+    times = [marks["start"]] + [marks[p] for p in PHASES]
+    assert times == sorted(times)
+    assert [startup[f"{p}_s"] for p in PHASES] == pytest.approx(np.diff(times), abs=2e-3)
+    assert startup["to_first_step_s"] == pytest.approx(marks["setup"] - marks["start"], abs=2e-3)
+    assert "to_first_step_s" in done.stdout and "model_load" in done.stdout
     assert (run_dir / "final" / "tokenizer_config.json").exists()
     lines = metrics(run_dir)
     assert lines[0]["step"] == 1 and "rewards/accuracies" in lines[0]
@@ -157,6 +171,21 @@ def test_list_and_help():
     assert helped.returncode == 0 and "alignkit train" in helped.stdout and "-m" in helped.stdout
 
 
+def test_startup_record_is_empty_outside_alignkit_train():
+    from alignkit.session import startup
+
+    startup.end()
+    startup.mark("config")  # a recipe stage or a test calling run_train directly: no start, nothing recorded
+    assert startup.record() == {}
+    startup.begin()
+    startup.mark("config")
+    startup.mark("config")  # the first mark of a phase counts
+    startup.mark("model_load")  # phases not marked are left out
+    got = startup.record()
+    assert set(got) == {"config_s", "model_load_s", "marks"} and got["marks"]["config"] <= got["marks"]["model_load"]
+    startup.end()
+
+
 def test_multirun_sweep_runs_each_job(tmp_path):
     base = tmp_path / "sweep"
     done = alignkit("train", "-m", "method=dpo", "method.beta=0.1,0.5", *TINY, "train.max_steps=1",
@@ -164,7 +193,8 @@ def test_multirun_sweep_runs_each_job(tmp_path):
     assert done.returncode == 0, done.stderr
     betas = [float(yaml.safe_load((base / str(i) / "config.yaml").read_text())["method"]["beta"]) for i in (0, 1)]
     assert betas == [0.1, 0.5]
-    assert all((base / str(i) / "summary.json").exists() for i in (0, 1))
+    first, second = (json.loads((base / str(i) / "summary.json").read_text())["startup"]["marks"] for i in (0, 1))
+    assert first["first_step"] <= second["start"] <= second["config"]  # the next job starts where one ended
 
 
 def test_an_unreachable_hub_is_noticed_at_once(monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from transformers import get_scheduler
 
 from ..errors import UsageError
-from . import dist
+from . import dist, startup
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .faults import catch_sigint, count_step, new_counts, stop_if_interrupted
 from .logs import open_log
@@ -79,6 +79,7 @@ class Session:
         with catch_sigint() as sigint, progress_bar(self.total, self.start, shown=dist.is_main()) as bar, \
                 contextlib.ExitStack() as logs:
             self._sigint, self._bar = sigint, bar
+            startup.mark("setup")
             self.logs = {name: logs.enter_context(open_log(self.run_dir / name, self.start if resumed else None))
                          for name in names}
             yield self
@@ -105,6 +106,7 @@ class Session:
         left out), the progress bar, a checkpoint every train.save_every, Ctrl-C. record: this step's
         numbers; `_tokens` and `_samples` (sums) give the throughput."""
         t = self.cfg.train
+        startup.mark("first_step")
         count_step(self.counts, not self._skipped, done, t.max_bad_steps, self.run_dir, overflow=not self._bad)
         self._skipped = self._bad = False
         for key, value in record.items():
