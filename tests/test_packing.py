@@ -138,6 +138,36 @@ def test_head_logps_chunks_and_gradient():
     torch.testing.assert_close(g_w, head.weight.grad)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_frozen_head_gets_its_gradient_in_the_forward(monkeypatch, precision):
+    """A frozen head (LoRA, prompt/prefix): the log-probs are those of a plain log-softmax and the gradient with
+    respect to the hidden rows is autograd's, over several chunks, with a bias and a weighted loss; in bf16
+    autocast as close to autograd's own bf16 gradient as two bf16 roundings allow. The backward never
+    recomputes the head (the head is not called again)."""
+    import alignkit.forward.packed as packed_mod
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50).requires_grad_(False)
+    h = torch.randn(37, 8, requires_grad=True)
+    t, w = torch.randint(0, 50, (37,)), torch.randn(37)
+    monkeypatch.setattr(packed_mod, "HEAD_CHUNK_ELEMENTS", 50 * 10)  # 10 rows per chunk: 4 chunks
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        ours = head_logps(h, head, t)
+        calls = []
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a))
+        (ours * w).sum().backward()
+        monkeypatch.undo()
+        g_ours, h.grad = h.grad.clone(), None
+        ref = torch.log_softmax(head(h).float(), -1).gather(-1, t[:, None])[:, 0]
+        (ref * w).sum().backward()
+    assert calls == [] and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.detach())
+    tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(g_ours, h.grad, **tol)
+    with torch.no_grad():  # no gradient wanted: none computed
+        assert not head_logps(h, head, t).requires_grad
+
+
 def windowed_model(kind: str):
     """A tiny Mistral with a 4-token sliding window, or a tiny Qwen2 whose layers alternate sliding / full."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM

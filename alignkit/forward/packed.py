@@ -64,9 +64,12 @@ def _say_once(message: str) -> None:
 
 
 def head_logps(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden))[target] per row, (N,) float32, in chunks; recomputed in backward."""
+    """log softmax(head(hidden))[target] per row, (N,) float32, in chunks. A frozen plain head gets its
+    gradient with the forward (FrozenHeadLogps); any other is recomputed chunk by chunk in backward."""
     vocab = head.weight.shape[0]
     chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return FrozenHeadLogps.apply(hidden, head.weight, head.bias, target, chunk)
 
     def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
@@ -78,6 +81,35 @@ def head_logps(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor
         h, t = hidden[i:i + chunk], target[i:i + chunk]
         pieces.append(checkpoint(part, h, t, use_reentrant=False) if grad else part(h, t))
     return torch.cat(pieces)
+
+
+class FrozenHeadLogps(torch.autograd.Function):
+    """log softmax(hidden W^T + b)[target] for a head that does not train. The gradient with respect to a
+    hidden row, W[target] - softmax(logits) W, does not depend on the loss, so the forward computes it chunk
+    by chunk next to the log-prob; backward is one multiply by the incoming gradient. Against the autograd
+    path that is one vocabulary-sized product (the logits' recomputation) instead of two, and the same
+    numbers (the same logits; the gradient's product in another order)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk):
+        logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for i in range(0, len(hidden), chunk):
+            h, t = hidden[i:i + chunk], target[i:i + chunk]
+            logits = torch.nn.functional.linear(h, weight, bias).float()
+            lse = logits.logsumexp(-1)
+            logps[i:i + chunk] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+            if grad is not None:  # softmax - onehot, then times W: minus the gradient of log p[t]
+                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[i:i + chunk] = -(probs.to(weight.dtype) @ weight)  # autocast: in its dtype, as autograd
+        ctx.save_for_backward(grad)
+        return logps
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return g.unsqueeze(-1).to(grad.dtype) * grad, None, None, None, None
 
 
 def layer_masks(config, mask: torch.Tensor, positions: torch.Tensor):
