@@ -1,37 +1,26 @@
 """Where a run's time went before its first optimizer step: summary.json's `startup` record.
 
 Marks are wall-clock times (time.time()), so a benchmark in another process can line them up with its own
-clock. A run's phases follow one another: the first run of a process starts at the process's own start (read
-from /proc where there is one, else alignkit's import), a later one (a sweep's next job) where the one before
-it ended.
+clock. A run's phases follow one another: the first run of a process starts when alignkit was imported (the
+interpreter's own start, ~50 ms, is not counted: /proc's process start time is the fork, which a shell's
+`cmd && alignkit ...` or a container's `exec` makes far earlier than the exec), a later one (a sweep's next
+job) where the one before it ended.
 """
 from __future__ import annotations
 
-import os
 import time
 
-IMPORTED = time.time()
+from .. import IMPORTED_AT
+
 PHASES = ("config", "read_data", "import", "model_load", "tokenise", "adapter", "setup", "first_step")
 _marks: dict[str, float] = {}
 _last_end: list[float] = []
 
 
-def process_start() -> float:
-    """Wall-clock time this process started (Linux: /proc, to 10 ms), else when alignkit was imported."""
-    try:
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return IMPORTED
-
-
 def begin() -> None:
-    """A run starts: at the process start for the first run, else at the end of the one before."""
+    """A run starts: at alignkit's import for the first run, else at the end of the one before."""
     _marks.clear()
-    _marks["start"] = _last_end[-1] if _last_end else min(process_start(), time.time())
+    _marks["start"] = _last_end[-1] if _last_end else IMPORTED_AT
 
 
 def mark(phase: str) -> None:
