@@ -5,6 +5,7 @@ side's alone; the child prints one JSON line last on stdout.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -57,8 +58,6 @@ def sft_rows(n: int, seed: int, tokenizer, max_length: int) -> list[dict]:
 
 def common_args(ap) -> None:
     """Options both benchmarks take, and the hidden ones a child process gets."""
-    import argparse
-
     ap.add_argument("--model", default=None, help="local model dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
@@ -248,10 +247,9 @@ def first_step(args, script: str, unit: str, tok, tmp: Path) -> list[dict]:
     rows = (pair_rows if unit == "pairs" else sft_rows)(n, 1, tok, args.max_length)
     data = write_jsonl(rows, tmp / "first-step.jsonl")
     runs = []
+    one_step = argparse.Namespace(**{**vars(args), "max_steps": 1})
     for side in ("alignkit",) + (() if args.skip_trl else ("trl",)):
-        saved, args.max_steps = args.max_steps, 1
-        r = run_child(child_cmd(args, script, side, "fp32", data, tmp / f"first-{side}", "on"))
-        args.max_steps = saved
+        r = run_child(child_cmd(one_step, script, side, "fp32", data, tmp / f"first-{side}", "on"))
         at = {k: v - r["launched"] for k, v in r["marks"].items() if k != "start"}
         phases, before = {}, 0.0
         for name, t in sorted(at.items(), key=lambda kv: kv[1]):
@@ -266,6 +264,13 @@ def first_step(args, script: str, unit: str, tok, tmp: Path) -> list[dict]:
         print(f"alignkit vs TRL: {ratio(runs[0]['to_first_step_s'], runs[1]['to_first_step_s']):.2f}x TRL's time "
               f"to the first step")
     return runs
+
+
+def alignkit_times(summary: dict) -> dict:
+    """What every alignkit child reports from its run's summary.json: train_s, peak_cuda_mb and the startup
+    marks (wall-clock times, for the time to the first step)."""
+    return {"train_s": summary["train_seconds"], "peak_cuda_mb": summary.get("peak_cuda_mb"),
+            "marks": summary.get("startup", {}).get("marks", {})}
 
 
 def run_alignkit(args, *overrides: str) -> tuple[list[dict], dict]:

@@ -26,8 +26,7 @@ STEP1 = ("loss", "logps/chosen", "logps/rejected")
 
 def alignkit_child(args) -> dict:
     lines, summary = bc.run_alignkit(args, "method=dpo", f"method.beta={args.beta}")
-    return {"train_s": summary["train_seconds"], "peak_cuda_mb": summary.get("peak_cuda_mb"),
-            "marks": summary.get("startup", {}).get("marks", {}),
+    return {**bc.alignkit_times(summary),
             **{k: lines[0][k] for k in STEP1}}
 
 

@@ -25,8 +25,7 @@ STEP1 = ("loss",)
 
 def alignkit_child(args) -> dict:
     lines, summary = bc.run_alignkit(args, "method=sft")
-    return {"train_s": summary["train_seconds"], "peak_cuda_mb": summary.get("peak_cuda_mb"),
-            "marks": summary.get("startup", {}).get("marks", {}),
+    return {**bc.alignkit_times(summary),
             "loss": lines[0]["loss"], "last_loss": lines[-1]["loss"]}
 
 
