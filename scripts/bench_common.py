@@ -17,6 +17,11 @@ from pathlib import Path
 
 import torch
 
+# Each side runs with its own default CPU allocator setting: alignkit sets PyTorch's THP_MEM_ALLOC_ENABLE=1
+# (alignkit/__init__.py), TRL runs with PyTorch's default (0). A value set by the caller goes to both sides.
+ALLOCATOR = {"alignkit": "1", "trl": "0"}
+CALLER_ALLOCATOR = os.environ.get("THP_MEM_ALLOC_ENABLE")
+
 WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they which one you "
          "were her all she there would their we him been has when who will more no if out so said what up its "
          "about into than them can only other new some could time these two may then do first any my now such "
@@ -102,6 +107,9 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
     """Run one side; return its last stdout JSON line plus peak_rss_mb (of this child alone) and wall_s."""
+    side = cmd[cmd.index("--child") + 1] if "--child" in cmd else None
+    if side in ALLOCATOR:
+        env = {"THP_MEM_ALLOC_ENABLE": CALLER_ALLOCATOR or ALLOCATOR[side], **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         launched, t0 = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})

@@ -72,11 +72,14 @@ def enable_checkpointing(model) -> None:
 def attach_lora(model, adapter, train, task: str = "CAUSAL_LM"):
     from peft import get_peft_model
 
+    from .lora_fused import fuse_lora
     from .lora_init import finish_init
 
     if train.gradient_checkpointing:
         enable_checkpointing(model)
-    return finish_init(get_peft_model(model, lora_config(adapter, task)), adapter)
+    model = finish_init(get_peft_model(model, lora_config(adapter, task)), adapter)
+    fuse_lora(model, train.gradient_checkpointing)
+    return model
 
 
 def attach_qlora(model, adapter, train, task: str = "CAUSAL_LM"):
